@@ -1,0 +1,134 @@
+//! The keyring in force, reloaded from its file when the file changes (a mounted Secret is
+//! updated in place by the kubelet), without a restart.
+
+use arc_swap::ArcSwapOption;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+use super::keyring::{Keyring, KeyringError};
+
+/// Shared, swappable keyring. Readers take a cheap snapshot per request.
+#[derive(Clone, Default)]
+pub struct KeyringHandle {
+    current: Arc<ArcSwapOption<Keyring>>,
+}
+
+impl std::fmt::Debug for KeyringHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyringHandle")
+            .field("current", &self.current.load_full())
+            .finish()
+    }
+}
+
+impl KeyringHandle {
+    /// A handle holding `keyring`.
+    pub fn new(keyring: Keyring) -> Self {
+        let handle = Self::default();
+        handle.replace(keyring);
+        handle
+    }
+
+    /// The keyring in force, if one has loaded.
+    pub fn current(&self) -> Option<Arc<Keyring>> {
+        self.current.load_full()
+    }
+
+    /// Put `keyring` in force.
+    pub fn replace(&self, keyring: Keyring) {
+        self.current.store(Some(Arc::new(keyring)));
+    }
+
+    /// Load `path` now; then, until `shutdown` resolves, re-read it every `interval` and put a
+    /// changed, valid keyring in force. An invalid new file keeps the last good keyring and is
+    /// reported (by message only: never key material).
+    pub async fn watch_file(
+        self,
+        path: PathBuf,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut last: Option<Zeroizing<String>> = None;
+        tokio::pin!(shutdown);
+        loop {
+            self.reload_if_changed(&path, &mut last);
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One step of [`Self::watch_file`]: returns whether a new keyring was put in force.
+    pub fn reload_if_changed(&self, path: &Path, last: &mut Option<Zeroizing<String>>) -> bool {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => Zeroizing::new(text),
+            Err(source) => {
+                let error = KeyringError::Read {
+                    path: path.display().to_string(),
+                    source,
+                };
+                tracing::error!(%error, "keyring not reloaded");
+                return false;
+            }
+        };
+        if last.as_ref().is_some_and(|l| **l == *text) {
+            return false;
+        }
+        let result = Keyring::from_yaml(&text);
+        *last = Some(text);
+        match result {
+            Ok(keyring) => {
+                tracing::info!(
+                    primary = keyring.primary_id(),
+                    keys = keyring.key_ids().count(),
+                    "keyring loaded"
+                );
+                self.replace(keyring);
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "keyring file is invalid; keeping the last good keyring");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloads_changed_files_and_keeps_the_last_good_keyring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.yaml");
+        let mut ring = Keyring::generate("one").unwrap();
+        std::fs::write(&path, ring.to_yaml().unwrap().as_bytes()).unwrap();
+
+        let handle = KeyringHandle::default();
+        assert!(handle.current().is_none());
+        let mut last = None;
+        assert!(handle.reload_if_changed(&path, &mut last));
+        assert_eq!(handle.current().unwrap().primary_id(), "one");
+        assert!(
+            !handle.reload_if_changed(&path, &mut last),
+            "unchanged file is not reloaded"
+        );
+
+        ring.add_primary("two").unwrap();
+        std::fs::write(&path, ring.to_yaml().unwrap().as_bytes()).unwrap();
+        assert!(handle.reload_if_changed(&path, &mut last));
+        assert_eq!(handle.current().unwrap().primary_id(), "two");
+
+        std::fs::write(&path, "primary: nope\nkeys: []\n").unwrap();
+        assert!(!handle.reload_if_changed(&path, &mut last));
+        assert_eq!(handle.current().unwrap().primary_id(), "two");
+
+        std::fs::remove_file(&path).unwrap();
+        assert!(!handle.reload_if_changed(&path, &mut last));
+        assert_eq!(handle.current().unwrap().primary_id(), "two");
+    }
+}

@@ -1,0 +1,6 @@
+//! agent-secrets: per-user credentials for AI-agent sandbox pods on Kubernetes, encrypted at
+//! rest and injected at admission.
+
+pub mod api;
+pub mod cli;
+pub mod crypto;

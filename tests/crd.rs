@@ -1,0 +1,173 @@
+//! The checked-in CRD matches the Rust types, and its validation refuses what must never be
+//! stored, with messages a user understands.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::{Value, json};
+
+fn schema() -> Value {
+    let crd = agent_secrets::api::crd();
+    let version = &crd.spec.versions[0];
+    serde_json::to_value(
+        version
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn checked_in_crd_matches_the_rust_types() {
+    let generated = agent_secrets::api::crd_yaml().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/agentsecrets.yaml");
+    let checked_in = std::fs::read_to_string(path).unwrap();
+    assert!(
+        generated == checked_in,
+        "crds/agentsecrets.yaml is out of date: run `cargo run -- crd > crds/agentsecrets.yaml`"
+    );
+}
+
+fn sealed() -> Value {
+    json!({"keyId": "k1", "wrappedKey": "AAAA", "nonce": "AAAA", "ciphertext": "AAAA"})
+}
+
+fn object(spec: Value) -> Value {
+    json!({"apiVersion": "agentsecrets.io/v1alpha1", "kind": "AgentSecret",
+           "metadata": {"name": "x", "namespace": "sandboxes"}, "spec": spec})
+}
+
+fn messages(new: &Value, old: Option<&Value>) -> Vec<String> {
+    match kube_cel::validate(&schema(), new, old) {
+        Ok(()) => vec![],
+        Err(errors) => errors.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn refused_with(new: Value, old: Option<Value>, needle: &str) {
+    let got = messages(&new, old.as_ref());
+    assert!(
+        got.iter().any(|m| m.contains(needle)),
+        "expected a refusal containing {needle:?}, got {got:?}"
+    );
+}
+
+#[test]
+fn a_sealed_secret_is_accepted() {
+    let ok = object(json!({"owner": "alice", "envName": "X_BEARER_TOKEN", "sealed": sealed()}));
+    assert_eq!(messages(&ok, None), Vec::<String>::new());
+    assert_eq!(messages(&ok, Some(&ok)), Vec::<String>::new());
+}
+
+#[test]
+fn invalid_env_names_are_refused() {
+    for bad in ["lower", "1ABC", "A-B", "A B", "É"] {
+        refused_with(
+            object(json!({"owner": "alice", "envName": bad, "sealed": sealed()})),
+            None,
+            "must be an uppercase identifier",
+        );
+    }
+}
+
+#[test]
+fn reserved_env_names_are_refused() {
+    for reserved in [
+        "PATH",
+        "HOME",
+        "USER",
+        "SHELL",
+        "PWD",
+        "HOSTNAME",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "KUBERNETES_SERVICE_HOST",
+    ] {
+        refused_with(
+            object(json!({"owner": "alice", "envName": reserved, "sealed": sealed()})),
+            None,
+            "is reserved",
+        );
+    }
+}
+
+#[test]
+fn plaintext_value_is_refused_when_stored() {
+    refused_with(
+        object(json!({"owner": "alice", "envName": "A", "value": "p", "sealed": sealed()})),
+        None,
+        "must never be stored in plaintext",
+    );
+    let got = messages(
+        &object(json!({"owner": "alice", "envName": "A", "value": "p"})),
+        None,
+    );
+    assert_eq!(got.len(), 1, "one clear message, not two: {got:?}");
+    assert!(got[0].contains("must never be stored in plaintext"));
+}
+
+#[test]
+fn a_secret_without_sealed_value_is_refused() {
+    refused_with(
+        object(json!({"owner": "alice", "envName": "A"})),
+        None,
+        "spec.value is required",
+    );
+}
+
+#[test]
+fn owner_is_immutable_and_a_label_value() {
+    let old = object(json!({"owner": "alice", "envName": "A", "sealed": sealed()}));
+    let new = object(json!({"owner": "bob", "envName": "A", "sealed": sealed()}));
+    refused_with(new, Some(old), "spec.owner is immutable");
+    refused_with(
+        object(json!({"owner": "not a label!", "envName": "A", "sealed": sealed()})),
+        None,
+        "must be a valid label value",
+    );
+}
+
+/// Bounds the CEL evaluator does not check, read from the schema the API server enforces.
+#[test]
+fn schema_bounds_lengths() {
+    let schema = schema();
+    let spec = &schema["properties"]["spec"]["properties"];
+    assert_eq!(spec["envName"]["maxLength"], 255);
+    assert_eq!(spec["owner"]["minLength"], 1);
+    assert_eq!(spec["owner"]["maxLength"], 63);
+    assert_eq!(spec["description"]["maxLength"], 1024);
+    let required = schema["properties"]["spec"]["required"].as_array().unwrap();
+    assert!(required.contains(&json!("owner")) && required.contains(&json!("envName")));
+}
+
+#[test]
+fn every_field_is_documented_for_kubectl_explain() {
+    fn walk(path: &str, schema: &Value, missing: &mut Vec<String>) {
+        if schema
+            .get("description")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            missing.push(path.to_owned());
+        }
+        if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+            for (name, child) in props {
+                walk(&format!("{path}.{name}"), child, missing);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            walk(&format!("{path}[]"), items, missing);
+        }
+    }
+    let schema = schema();
+    let mut missing = vec![];
+    walk("spec", &schema["properties"]["spec"], &mut missing);
+    walk("status", &schema["properties"]["status"], &mut missing);
+    assert!(
+        missing.is_empty(),
+        "fields without description: {missing:?}"
+    );
+}
