@@ -24,6 +24,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the operator: the admission webhook (HTTPS), the admin server (probes, metrics)
+    /// and the controller.
+    Run(crate::run::RunArgs),
     /// Print the AgentSecret CustomResourceDefinition (YAML), as installed from crds/.
     Crd,
     /// Manage key-encryption keys (KEKs): generate keyrings, add a new primary key.
@@ -66,6 +69,7 @@ pub struct GenerateArgs {
 /// Run the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => crate::run::run(args).await,
         Command::Crd => {
             print!(
                 "{}",

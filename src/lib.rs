@@ -2,5 +2,9 @@
 //! rest and injected at admission.
 
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod crypto;
+pub mod run;
+pub mod telemetry;
+pub mod webhook;

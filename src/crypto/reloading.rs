@@ -41,6 +41,11 @@ impl KeyringHandle {
         self.current.store(Some(Arc::new(keyring)));
     }
 
+    /// Forget the keyring: nothing can be sealed or opened until one is put in force.
+    pub fn clear(&self) {
+        self.current.store(None);
+    }
+
     /// Load `path` now; then, until `shutdown` resolves, re-read it every `interval` and put a
     /// changed, valid keyring in force. An invalid new file keeps the last good keyring and is
     /// reported (by message only: never key material).

@@ -1,0 +1,331 @@
+//! `agentsecrets run`: wire the keyring, the AgentSecret cache, the webhook and admin servers
+//! and the controller together, and shut them all down on SIGTERM.
+
+use anyhow::Context as _;
+use axum_server::tls_rustls::RustlsConfig;
+use clap::Args;
+use futures::StreamExt as _;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AgentSecret;
+use crate::cache::SecretIndex;
+use crate::crypto::KeyringHandle;
+use crate::telemetry::{LogFormat, Metrics};
+use crate::webhook::server::{AppState, KubeSecretWriter};
+use crate::webhook::{Policy, Principal, server};
+
+/// Flags of `agentsecrets run`. Every flag has an environment variable fallback.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address of the HTTPS admission webhook.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_WEBHOOK_ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
+    pub webhook_addr: SocketAddr,
+    /// Address of the plain-HTTP admin server (/healthz, /readyz, /metrics).
+    #[arg(long, env = "AGENTSECRETS_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// PEM certificate chain of the webhook; reloaded when the file changes.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_TLS_CERT",
+        default_value = "/etc/agentsecrets/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// PEM private key of the webhook; reloaded when the file changes.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_TLS_KEY",
+        default_value = "/etc/agentsecrets/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// Keyring file (`primary: <id>`, `keys: [{id, key}]`); reloaded when it changes.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_KEYRING",
+        default_value = "/etc/agentsecrets/keyring/keyring.yaml"
+    )]
+    pub keyring: PathBuf,
+    /// Principals allowed to create sandbox pods: usernames (e.g.
+    /// `system:serviceaccount:sandboxes:orchestrator`) or `group:NAME`, comma-separated.
+    /// Empty: anyone who may create pods in the namespace. Set it for shared namespaces.
+    #[arg(long, env = "AGENTSECRETS_ALLOWED_PRINCIPALS", value_delimiter = ',')]
+    pub allowed_principals: Vec<String>,
+    /// Env names refused in addition to the built-in reserved ones, comma-separated.
+    #[arg(long, env = "AGENTSECRETS_RESERVED_ENV_NAMES", value_delimiter = ',')]
+    pub reserved_env_names: Vec<String>,
+    /// Namespaces whose pods are never injected, comma-separated.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_EXCLUDED_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub excluded_namespaces: Vec<String>,
+    /// How often the keyring and TLS files are checked for changes.
+    #[arg(long, env = "AGENTSECRETS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    /// Log format.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Parse `300ms`, `15s`, `5m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: use ms, s, m or h"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let millis = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "{text:?} has unknown unit {unit:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    Ok(Duration::from_millis(number.saturating_mul(millis)))
+}
+
+impl RunArgs {
+    /// The admission policy these flags describe.
+    pub fn policy(&self) -> anyhow::Result<Policy> {
+        let allowed_principals = self
+            .allowed_principals
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| Principal::parse(p).with_context(|| format!("invalid principal {p:?}")))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Policy {
+            allowed_principals,
+            extra_reserved_env_names: self
+                .reserved_env_names
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            excluded_namespaces: self
+                .excluded_namespaces
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        })
+    }
+}
+
+/// Resolve on SIGTERM or Ctrl-C.
+async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Feed the cache from a watch on every AgentSecret until `stop` is cancelled.
+async fn watch_agentsecrets(
+    client: kube::Client,
+    index: Arc<SecretIndex>,
+    stop: CancellationToken,
+) {
+    let api = kube::Api::<AgentSecret>::all(client);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    tokio::pin!(stream);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            event = stream.next() => match event {
+                Some(Ok(event)) => index.apply(event),
+                // The backoff retries; the error names the API call, not object contents.
+                Some(Err(error)) => tracing::warn!(%error, "AgentSecret watch failed; retrying"),
+                None => return,
+            },
+        }
+    }
+}
+
+/// Run the operator until SIGTERM.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
+        webhook_addr,
+        admin_addr,
+        tls_cert,
+        tls_key,
+        keyring,
+        allowed_principals: _,
+        reserved_env_names: _,
+        excluded_namespaces: _,
+        reload_interval,
+        log_format,
+    } = args.clone();
+    crate::telemetry::init_logging(log_format);
+    let policy = Arc::new(args.policy()?);
+    if policy.allowed_principals.is_empty() {
+        tracing::warn!(
+            "no --allowed-principals: anyone who may create pods can label one for any owner in their namespace"
+        );
+    }
+
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let tls = RustlsConfig::from_pem_file(&tls_cert, &tls_key)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to load the webhook certificate {} and key {}",
+                tls_cert.display(),
+                tls_key.display()
+            )
+        })?;
+    let webhook_listener = server::bind(webhook_addr)
+        .with_context(|| format!("failed to listen on {webhook_addr}"))?;
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("failed to listen on {admin_addr}"))?;
+
+    let stop = CancellationToken::new();
+    let keyring_handle = KeyringHandle::default();
+    let index = Arc::new(SecretIndex::default());
+    let metrics = Arc::new(Metrics::default());
+    let state = AppState {
+        keyring: keyring_handle.clone(),
+        index: index.clone(),
+        policy,
+        writer: Arc::new(KubeSecretWriter {
+            client: client.clone(),
+        }),
+        metrics,
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            keyring_handle
+                .watch_file(keyring, reload_interval, stop.cancelled_owned())
+                .await;
+            Ok(())
+        });
+    }
+    {
+        let stop = stop.clone();
+        let tls = tls.clone();
+        tasks.spawn(async move {
+            server::watch_tls_files(
+                tls,
+                tls_cert,
+                tls_key,
+                reload_interval,
+                stop.cancelled_owned(),
+            )
+            .await;
+            Ok(())
+        });
+    }
+    {
+        let stop = stop.clone();
+        let client = client.clone();
+        tasks.spawn(async move {
+            watch_agentsecrets(client, index, stop).await;
+            Ok(())
+        });
+    }
+    {
+        let stop = stop.clone();
+        let router = server::webhook_router(state.clone());
+        tasks.spawn(async move {
+            server::serve_webhook(webhook_listener, tls, router, stop.cancelled_owned())
+                .await
+                .context("webhook server failed")
+        });
+    }
+    {
+        let stop = stop.clone();
+        let router = server::admin_router(state.clone());
+        tasks.spawn(async move {
+            server::serve_admin(admin_listener, router, stop.cancelled_owned())
+                .await
+                .context("admin server failed")
+        });
+    }
+    tracing::info!(%webhook_addr, %admin_addr, "agent-secrets started");
+
+    let mut result = Ok(());
+    tokio::select! {
+        () = termination_signal() => tracing::info!("termination signal received; shutting down"),
+        Some(joined) = tasks.join_next() => {
+            // A task ended before shutdown: that is a failure of the whole process.
+            result = match joined {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a background task stopped unexpectedly")),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("a background task panicked: {e}")),
+            };
+        }
+    }
+    stop.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "task failed during shutdown");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "task panicked during shutdown"),
+        }
+    }
+    tracing::info!("agent-secrets stopped");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

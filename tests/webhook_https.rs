@@ -1,0 +1,733 @@
+//! Every AdmissionReview recorded from a real API server, driven through the real HTTPS
+//! server, with the exact answer asserted: allowed or denied, and what the patch does.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use agent_secrets::api::SealedValue;
+use agent_secrets::crypto::{Keyring, SealContext};
+use agent_secrets::webhook::{Policy, Principal};
+use common::*;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+fn owner_ctx(owner: &str) -> SealContext<'_> {
+    SealContext::new(NAMESPACE, owner)
+}
+
+fn sealed_of(object: &Value) -> SealedValue {
+    serde_json::from_value(object["spec"]["sealed"].clone()).unwrap()
+}
+
+fn opens_to(keyring: &Keyring, object: &Value, owner: &str) -> String {
+    let plain = keyring.open(&sealed_of(object), owner_ctx(owner)).unwrap();
+    String::from_utf8(plain.expose().to_vec()).unwrap()
+}
+
+/// The fixtures' oldObjects hold plaintext (the recording webhook sealed nothing); in the real
+/// system the stored object is sealed, so seal it the way the webhook would have.
+fn seal_old_object(review: &mut Value, keyring: &Keyring) -> String {
+    let old = &mut review["request"]["oldObject"];
+    let owner = old["spec"]["owner"].as_str().unwrap().to_owned();
+    let spec = old["spec"].as_object_mut().unwrap();
+    let value = spec.remove("value").map(|v| v.as_str().unwrap().to_owned());
+    let value = value.unwrap_or_else(|| "fixture-plaintext-previous".to_owned());
+    let sealed = keyring
+        .seal(value.as_bytes(), SealContext::new(NAMESPACE, &owner))
+        .unwrap();
+    spec.insert("sealed".into(), serde_json::to_value(sealed).unwrap());
+    value
+}
+
+fn assert_no_fixture_plaintext(value: &Value) {
+    let text = value.to_string();
+    assert!(
+        !text.contains("fixture-plaintext"),
+        "plaintext left in {text}"
+    );
+}
+
+fn assert_allowed_unchanged(answer: &Value) {
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+}
+
+fn last_applied(object: &Value) -> Value {
+    let text =
+        object["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .as_str()
+            .unwrap();
+    serde_json::from_str(text).unwrap()
+}
+
+#[tokio::test]
+async fn client_side_apply_create_is_sealed_and_scrubbed_from_last_applied() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("agentsecret_create_client_side_apply.json");
+    let answer = server.review(&path, &review).await;
+    let response = response(&answer);
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["uid"], review["request"]["uid"]);
+    assert_eq!(response["patchType"], "JSONPatch");
+
+    let original = &review["request"]["object"];
+    let stored = patched(original, &answer);
+    assert_no_fixture_plaintext(&stored);
+    assert!(stored["spec"].get("value").is_none());
+    assert_eq!(
+        opens_to(&server.keyring, &stored, "alice"),
+        "fixture-plaintext-AAAAXXXX"
+    );
+    assert_eq!(stored["spec"]["sealed"]["keyId"], "test-kek");
+    // Everything else is as the user wrote it.
+    assert_eq!(stored["spec"]["envName"], "X_BEARER_TOKEN");
+    assert_eq!(
+        stored["spec"]["description"],
+        original["spec"]["description"]
+    );
+    assert_eq!(
+        stored["metadata"]["managedFields"],
+        original["metadata"]["managedFields"]
+    );
+    // The annotation stays valid JSON without the value, so the next apply still merges.
+    let mut expected = last_applied(original);
+    expected["spec"].as_object_mut().unwrap().remove("value");
+    assert_eq!(last_applied(&stored), expected);
+    assert!(
+        stored["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .as_str()
+            .unwrap()
+            .ends_with('\n')
+    );
+}
+
+#[tokio::test]
+async fn kubectl_create_and_server_side_apply_are_sealed() {
+    let server = TestServer::start(Policy::default()).await;
+    for (file, owner, plaintext) in [
+        (
+            "agentsecret_create_kubectl_create.json",
+            "bob",
+            "fixture-plaintext-pg",
+        ),
+        (
+            "agentsecret_create_server_side_apply.json",
+            "alice",
+            "fixture-plaintext-notion",
+        ),
+    ] {
+        let (path, mut review) = fixture(file);
+        // The cache already holds an object of this name with this env name: it is this
+        // object, not a duplicate.
+        review["request"]["object"]["spec"]["value"] = json!(plaintext);
+        let answer = server.review(&path, &review).await;
+        assert_eq!(answer["response"]["allowed"], true, "{file}: {answer}");
+        let stored = patched(&review["request"]["object"], &answer);
+        assert_no_fixture_plaintext(&stored);
+        assert!(stored["spec"].get("value").is_none());
+        assert_eq!(
+            opens_to(&server.keyring, &stored, owner),
+            plaintext,
+            "{file}"
+        );
+        // Bound to its owner: it does not open for anyone else.
+        assert!(
+            server
+                .keyring
+                .open(&sealed_of(&stored), owner_ctx("mallory"))
+                .is_err()
+        );
+    }
+}
+
+#[tokio::test]
+async fn server_dry_run_create_gets_the_same_sealing_patch() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("agentsecret_create_server_dry_run.json");
+    assert_eq!(review["request"]["dryRun"], true);
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let stored = patched(&review["request"]["object"], &answer);
+    assert_no_fixture_plaintext(&stored);
+    assert!(stored["spec"]["sealed"].is_object());
+    assert!(server.created().is_empty());
+}
+
+#[tokio::test]
+async fn reapplying_the_same_value_keeps_the_stored_sealed_value() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("agentsecret_update_client_side_apply_same_value.json");
+    let old_value = seal_old_object(&mut review, &server.keyring);
+    assert_eq!(
+        review["request"]["object"]["spec"]["value"].as_str(),
+        Some(old_value.as_str())
+    );
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let stored = patched(&review["request"]["object"], &answer);
+    assert_no_fixture_plaintext(&stored);
+    assert_eq!(
+        stored["spec"]["sealed"], review["request"]["oldObject"]["spec"]["sealed"],
+        "same value: the stored sealed value is kept byte for byte"
+    );
+    assert_eq!(
+        stored["spec"]["description"],
+        "X/Twitter API Bearer Token for search"
+    );
+    assert!(last_applied(&stored)["spec"].get("value").is_none());
+}
+
+#[tokio::test]
+async fn merge_patch_with_a_new_value_reseals() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("agentsecret_update_merge_patch_new_value.json");
+    let new_value = review["request"]["object"]["spec"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let old_value = seal_old_object(&mut review, &server.keyring);
+    assert_ne!(new_value, old_value);
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let stored = patched(&review["request"]["object"], &answer);
+    assert_no_fixture_plaintext(&stored);
+    assert_ne!(
+        stored["spec"]["sealed"],
+        review["request"]["oldObject"]["spec"]["sealed"]
+    );
+    assert_eq!(opens_to(&server.keyring, &stored, "bob"), new_value);
+}
+
+#[tokio::test]
+async fn replace_without_value_keeps_the_stored_sealed_value() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
+    assert!(review["request"]["object"]["spec"].get("value").is_none());
+    assert!(review["request"]["object"]["spec"].get("sealed").is_none());
+    let old_value = seal_old_object(&mut review, &server.keyring);
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let stored = patched(&review["request"]["object"], &answer);
+    assert_eq!(
+        stored["spec"]["sealed"],
+        review["request"]["oldObject"]["spec"]["sealed"]
+    );
+    assert_eq!(opens_to(&server.keyring, &stored, "bob"), old_value);
+    assert_eq!(
+        stored["spec"]["description"],
+        "DB password (rotated description)"
+    );
+}
+
+#[tokio::test]
+async fn agentsecret_delete_passes_untouched() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("agentsecret_delete.json");
+    assert!(review["request"]["object"].is_null());
+    let answer = server.review(&path, &review).await;
+    assert_allowed_unchanged(&answer);
+}
+
+#[tokio::test]
+async fn a_sealed_value_that_does_not_open_is_denied() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
+    // A blob sealed for alice, pasted into bob's object.
+    let foreign = server.keyring.seal(b"stolen", owner_ctx("alice")).unwrap();
+    let spec = review["request"]["object"]["spec"].as_object_mut().unwrap();
+    spec.remove("value");
+    spec.insert("sealed".into(), serde_json::to_value(&foreign).unwrap());
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("spec.sealed does not open"), "{message}");
+    assert!(message.contains("\"bob\""), "{message}");
+
+    // The same for an unknown key id.
+    let mut unknown = foreign.clone();
+    unknown.key_id = "retired-kek".into();
+    review["request"]["object"]["spec"]["sealed"] = serde_json::to_value(&unknown).unwrap();
+    let answer = server.review(&path, &review).await;
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"retired-kek\" is not in the keyring"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_duplicate_env_name_for_the_owner_is_denied_naming_the_other_secret() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
+    // bob already has X_BEARER_TOKEN as "bob-x-bearer-token".
+    review["request"]["object"]["spec"]["envName"] = json!("X_BEARER_TOKEN");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("X_BEARER_TOKEN") && message.contains("bob-x-bearer-token"),
+        "{message}"
+    );
+    assert!(!message.contains("fixture-plaintext"));
+}
+
+#[tokio::test]
+async fn configured_reserved_env_names_are_denied() {
+    let policy = Policy {
+        extra_reserved_env_names: vec!["NODE_OPTIONS".into()],
+        ..Policy::default()
+    };
+    let server = TestServer::start(policy).await;
+    let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
+    review["request"]["object"]["spec"]["envName"] = json!("NODE_OPTIONS");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reserved")
+    );
+}
+
+#[tokio::test]
+async fn create_without_any_value_is_denied() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
+    review["request"]["object"]["spec"]["value"] = json!("");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.value is required")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Pods
+
+fn env_of(pod: &Value, container: &str) -> Vec<Value> {
+    pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == container)
+        .unwrap()["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn secret_ref(name: &str, secret: &str) -> Value {
+    json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}})
+}
+
+fn secret_values(secret: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, String> {
+    secret
+        .data
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).unwrap()))
+        .collect()
+}
+
+fn annotation<'a>(pod: &'a Value, key: &str) -> &'a str {
+    pod["metadata"]["annotations"][key]
+        .as_str()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_named_sandbox_pod_gets_its_owners_secrets_by_reference() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_create_named.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    let pod = patched(&review["request"]["object"], &answer);
+
+    let created = server.created();
+    assert_eq!(created.len(), 1);
+    let secret = &created[0];
+    let secret_name = secret.metadata.name.clone().unwrap();
+    assert!(
+        secret_name.starts_with("sandbox-alice-1-asec-"),
+        "{secret_name}"
+    );
+    assert_eq!(secret.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(secret.immutable, Some(true));
+    let labels = secret.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["agentsecrets.io/owner"], "alice");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "agent-secrets");
+    assert_eq!(labels["agentsecrets.io/pod-scoped"], "true");
+    let annotations = secret.metadata.annotations.as_ref().unwrap();
+    assert_eq!(annotations["agentsecrets.io/pod"], "sandbox-alice-1");
+    assert_eq!(
+        annotations["agentsecrets.io/request-uid"],
+        review["request"]["uid"].as_str().unwrap()
+    );
+    // Exactly alice's secrets in this namespace: not bob's, not alice's in "other".
+    assert_eq!(
+        secret_values(secret),
+        BTreeMap::from([
+            ("NOTION_API_KEY".to_owned(), ALICE_NOTION.to_owned()),
+            ("OPENAI_API_KEY".to_owned(), ALICE_OPENAI.to_owned()),
+            ("X_BEARER_TOKEN".to_owned(), ALICE_X.to_owned()),
+        ])
+    );
+
+    assert_eq!(
+        env_of(&pod, "sandbox"),
+        vec![
+            secret_ref("NOTION_API_KEY", &secret_name),
+            secret_ref("OPENAI_API_KEY", &secret_name),
+            secret_ref("X_BEARER_TOKEN", &secret_name),
+        ]
+    );
+    assert_eq!(
+        annotation(&pod, "agentsecrets.io/injected"),
+        "NOTION_API_KEY,OPENAI_API_KEY,X_BEARER_TOKEN"
+    );
+    assert_eq!(annotation(&pod, "agentsecrets.io/secret-name"), secret_name);
+    assert_eq!(annotation(&pod, "agentsecrets.io/skipped"), "");
+    // The rest of the pod is untouched.
+    let mut rest = pod.clone();
+    rest["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("env");
+    rest["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    assert_eq!(rest, review["request"]["object"]);
+    for canary in all_canaries() {
+        assert!(!answer.to_string().contains(canary));
+    }
+}
+
+#[tokio::test]
+async fn a_generate_name_pod_gets_the_requested_subset_and_its_own_env_wins() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_create_generate_name_multi_container_subset.json");
+    assert!(review["request"].get("name").is_none());
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    let pod = patched(&review["request"]["object"], &answer);
+
+    let created = server.created();
+    assert_eq!(created.len(), 1);
+    let secret_name = created[0].metadata.name.clone().unwrap();
+    assert!(
+        secret_name.starts_with("sandbox-alice-asec-"),
+        "{secret_name}"
+    );
+    assert_eq!(
+        created[0].metadata.annotations.as_ref().unwrap()["agentsecrets.io/pod"],
+        "sandbox-alice-"
+    );
+    assert_eq!(
+        secret_values(&created[0]),
+        BTreeMap::from([
+            ("NOTION_API_KEY".to_owned(), ALICE_NOTION.to_owned()),
+            ("X_BEARER_TOKEN".to_owned(), ALICE_X.to_owned()),
+        ]),
+        "only the requested subset"
+    );
+    // The pod spec set X_BEARER_TOKEN in "sandbox": it wins and is reported.
+    assert_eq!(
+        env_of(&pod, "sandbox"),
+        vec![
+            json!({"name": "X_BEARER_TOKEN", "value": "set-by-pod-spec"}),
+            json!({"name": "LOG_LEVEL", "value": "debug"}),
+            secret_ref("NOTION_API_KEY", &secret_name),
+        ]
+    );
+    assert_eq!(
+        env_of(&pod, "browser"),
+        vec![
+            secret_ref("NOTION_API_KEY", &secret_name),
+            secret_ref("X_BEARER_TOKEN", &secret_name),
+        ]
+    );
+    assert_eq!(
+        annotation(&pod, "agentsecrets.io/skipped"),
+        "sandbox/X_BEARER_TOKEN"
+    );
+    assert_eq!(
+        annotation(&pod, "agentsecrets.io/injected"),
+        "NOTION_API_KEY,X_BEARER_TOKEN"
+    );
+    assert_eq!(
+        annotation(&pod, "agentsecrets.io/secrets"),
+        "X_BEARER_TOKEN,NOTION_API_KEY"
+    );
+    // Init containers are not injected unless asked; envFrom is left alone.
+    assert_eq!(
+        pod["spec"]["initContainers"],
+        review["request"]["object"]["spec"]["initContainers"]
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["envFrom"],
+        review["request"]["object"]["spec"]["containers"][0]["envFrom"]
+    );
+}
+
+#[tokio::test]
+async fn init_containers_are_injected_when_the_pod_asks() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("pod_create_generate_name_multi_container_subset.json");
+    review["request"]["object"]["metadata"]["annotations"]["agentsecrets.io/inject-init-containers"] =
+        json!("true");
+    let answer = server.review(&path, &review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    let secret_name = annotation(&pod, "agentsecrets.io/secret-name").to_owned();
+    assert_eq!(
+        pod["spec"]["initContainers"][0]["env"],
+        json!([
+            secret_ref("NOTION_API_KEY", &secret_name),
+            secret_ref("X_BEARER_TOKEN", &secret_name)
+        ])
+    );
+}
+
+#[tokio::test]
+async fn reinvocation_adds_no_duplicate_env_entries() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_create_generate_name_multi_container_subset.json");
+    let first = server.review(&path, &review).await;
+    let once = patched(&review["request"]["object"], &first);
+
+    // Another webhook changed the pod; the API server calls us again with the result.
+    let mut again = review.clone();
+    again["request"]["uid"] = json!("5a1e0c2e-0000-4000-8000-000000000001");
+    again["request"]["object"] = once.clone();
+    let second = server.review(&path, &again).await;
+    assert_eq!(second["response"]["allowed"], true);
+    let twice = patched(&once, &second);
+
+    let new_secret = annotation(&twice, "agentsecrets.io/secret-name").to_owned();
+    assert_ne!(new_secret, annotation(&once, "agentsecrets.io/secret-name"));
+    for container in ["sandbox", "browser"] {
+        let env = env_of(&twice, container);
+        let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(names.len(), unique.len(), "{container}: {names:?}");
+        assert_eq!(env.len(), env_of(&once, container).len());
+        // Every injected entry now points at the Secret this invocation created.
+        for entry in env.iter().filter(|e| e.get("valueFrom").is_some()) {
+            assert_eq!(
+                entry["valueFrom"]["secretKeyRef"]["name"],
+                new_secret.as_str()
+            );
+        }
+    }
+    assert_eq!(
+        annotation(&twice, "agentsecrets.io/skipped"),
+        "sandbox/X_BEARER_TOKEN"
+    );
+    let created = server.created();
+    assert_eq!(created.len(), 2);
+    assert_eq!(
+        created[1].metadata.name.as_deref(),
+        Some(new_secret.as_str())
+    );
+}
+
+#[tokio::test]
+async fn a_spoofed_secret_name_annotation_is_not_trusted() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("pod_create_named.json");
+    // The pod claims an earlier injection pointing at bob's pod-scoped Secret.
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({"agentsecrets.io/secret-name": "bobs-pod-secret"});
+    review["request"]["object"]["spec"]["containers"][0]["env"] =
+        json!([secret_ref("X_BEARER_TOKEN", "bobs-pod-secret")]);
+    let answer = server.review(&path, &review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    let ours = annotation(&pod, "agentsecrets.io/secret-name").to_owned();
+    assert_ne!(ours, "bobs-pod-secret");
+    for entry in env_of(&pod, "sandbox") {
+        assert_eq!(
+            entry["valueFrom"]["secretKeyRef"]["name"],
+            ours.as_str(),
+            "{entry}"
+        );
+    }
+    assert_eq!(
+        secret_values(&server.created()[0])["X_BEARER_TOKEN"],
+        ALICE_X
+    );
+}
+
+#[tokio::test]
+async fn server_dry_run_pod_gets_the_patch_but_no_secret_is_created() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_create_server_dry_run.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_eq!(env_of(&pod, "sandbox").len(), 3);
+    assert!(server.created().is_empty(), "dryRun must create nothing");
+}
+
+#[tokio::test]
+async fn pod_update_is_allowed_untouched() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_update_label.json");
+    let answer = server.review(&path, &review).await;
+    assert_allowed_unchanged(&answer);
+    assert!(server.created().is_empty());
+}
+
+#[tokio::test]
+async fn an_owner_without_secrets_gets_the_pod_unchanged() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_create_by_replicaset_controller.json");
+    let answer = server.review(&path, &review).await;
+    assert_allowed_unchanged(&answer);
+    assert!(server.created().is_empty());
+}
+
+fn orchestrator_only() -> Policy {
+    Policy {
+        allowed_principals: vec![
+            Principal::parse("system:serviceaccount:sandboxes:sandbox-orchestrator").unwrap(),
+        ],
+        ..Policy::default()
+    }
+}
+
+#[tokio::test]
+async fn the_allow_listed_orchestrator_creates_sandbox_pods() {
+    let server = TestServer::start(orchestrator_only()).await;
+    let (path, review) = fixture("pod_create_by_service_account.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    let created = server.created();
+    assert_eq!(
+        secret_values(&created[0]),
+        BTreeMap::from([
+            ("POSTGRES_PASSWORD".to_owned(), BOB_PG.to_owned()),
+            ("X_BEARER_TOKEN".to_owned(), BOB_X.to_owned()),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn anyone_else_is_denied_when_an_allow_list_is_set() {
+    let server = TestServer::start(orchestrator_only()).await;
+    let (path, review) = fixture("pod_create_by_non_admin_user.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 403);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("system:serviceaccount:sandboxes:sandbox-orchestrator"),
+        "{message}"
+    );
+    assert!(message.contains("dev is not one of them"), "{message}");
+    assert!(server.created().is_empty());
+
+    // A group entry admits members of the group.
+    let by_group = TestServer::start(Policy {
+        allowed_principals: vec![Principal::parse("group:dev-team").unwrap()],
+        ..Policy::default()
+    })
+    .await;
+    let answer = by_group.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+}
+
+#[tokio::test]
+async fn without_an_allow_list_any_pod_creator_is_served() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_create_by_non_admin_user.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    assert_eq!(server.created().len(), 1);
+}
+
+#[tokio::test]
+async fn a_requested_secret_that_does_not_exist_denies_the_pod_naming_it() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, mut review) = fixture("pod_create_generate_name_multi_container_subset.json");
+    // POSTGRES_PASSWORD exists, but for bob: alice must not get it, and is told it is missing.
+    review["request"]["object"]["metadata"]["annotations"]["agentsecrets.io/secrets"] =
+        json!("X_BEARER_TOKEN, GITHUB_TOKEN,POSTGRES_PASSWORD");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.ends_with("GITHUB_TOKEN, POSTGRES_PASSWORD"),
+        "{message}"
+    );
+    assert!(server.created().is_empty());
+}
+
+#[tokio::test]
+async fn a_secret_that_cannot_be_opened_denies_the_pod() {
+    let keyring = Keyring::generate("test-kek").unwrap();
+    let mut secrets = standard_secrets(&keyring);
+    // Sealed under a key this server does not have.
+    let other = Keyring::generate("retired-kek").unwrap();
+    secrets.push(agent_secret(
+        NAMESPACE,
+        "lost",
+        "alice",
+        "LOST_API_KEY",
+        &other,
+        "x",
+    ));
+    let server = TestServer::start_with(Policy::default(), keyring, secrets).await;
+    let (path, review) = fixture("pod_create_named.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("LOST_API_KEY") && message.contains("retired-kek"),
+        "{message}"
+    );
+    assert!(server.created().is_empty(), "no partial set");
+}
+
+#[tokio::test]
+async fn a_failed_secret_creation_denies_the_pod() {
+    let server = TestServer::start(Policy::default()).await;
+    *server.writer.fail_with.lock().unwrap() = Some("secrets is forbidden".into());
+    let (path, review) = fixture("pod_create_named.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("secrets is forbidden"), "{message}");
+}
+
+#[tokio::test]
+async fn excluded_namespaces_are_never_injected() {
+    let server = TestServer::start(Policy {
+        excluded_namespaces: [NAMESPACE.to_owned()].into(),
+        ..Policy::default()
+    })
+    .await;
+    let (path, review) = fixture("pod_create_named.json");
+    assert_allowed_unchanged(&server.review(&path, &review).await);
+}
+
+#[tokio::test]
+async fn without_a_keyring_a_pod_with_secrets_is_denied() {
+    let server = TestServer::start(Policy::default()).await;
+    server.keyring_handle.clear();
+    let (path, review) = fixture("pod_create_named.json");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no keyring")
+    );
+}
