@@ -26,7 +26,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the operator: the admission webhook (HTTPS), the admin server (probes, metrics)
     /// and the controller.
-    Run(crate::run::RunArgs),
+    Run(Box<crate::run::RunArgs>),
     /// Print the AgentSecret CustomResourceDefinition (YAML), as installed from crds/.
     Crd,
     /// Manage key-encryption keys (KEKs): generate keyrings, add a new primary key.
@@ -69,7 +69,7 @@ pub struct GenerateArgs {
 /// Run the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => crate::run::run(args).await,
+        Command::Run(args) => crate::run::run(*args).await,
         Command::Crd => {
             print!(
                 "{}",

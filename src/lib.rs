@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod controller;
 pub mod crypto;
 pub mod run;
 pub mod telemetry;

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::AgentSecret;
 use crate::cache::SecretIndex;
+use crate::controller::Context;
+use crate::controller::lease::Elector;
 use crate::crypto::KeyringHandle;
 use crate::telemetry::{LogFormat, Metrics};
 use crate::webhook::server::{AppState, KubeSecretWriter};
@@ -69,6 +71,29 @@ pub struct RunArgs {
         default_value = "kube-system"
     )]
     pub excluded_namespaces: Vec<String>,
+    /// Delete a pod-scoped Secret whose pod has not appeared after this long.
+    #[arg(long, env = "AGENTSECRETS_POD_SECRET_GRACE", default_value = "5m", value_parser = parse_duration)]
+    pub pod_secret_grace: Duration,
+    /// Most AgentSecret re-wraps written per second during a key rotation.
+    #[arg(long, env = "AGENTSECRETS_ROTATION_RATE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rotation_rate: u32,
+    /// Name of the Lease that elects the replica running the controller.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_LEASE_NAME",
+        default_value = "agent-secrets-controller"
+    )]
+    pub lease_name: String,
+    /// Namespace of the Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "agent-secrets")]
+    pub lease_namespace: String,
+    /// How long a Lease holder stays leader without renewing; a crashed leader is replaced
+    /// within this time.
+    #[arg(long, env = "AGENTSECRETS_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// This replica's identity in the Lease [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// How often the keyring and TLS files are checked for changes.
     #[arg(long, env = "AGENTSECRETS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub reload_interval: Duration,
@@ -178,6 +203,31 @@ async fn watch_agentsecrets(
     }
 }
 
+/// Wait for leadership, then run the controllers until shutdown or until leadership is lost
+/// (the elector then fails, which stops the process).
+async fn run_controller_while_leader(
+    ctx: Arc<Context>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = stop.cancelled() => return,
+        became = leader.wait_for(|leading| *leading) => if became.is_err() { return },
+    }
+    tracing::info!("starting the controller");
+    let lost = async move {
+        let _ = leader.wait_for(|leading| !*leading).await;
+    };
+    let shutdown = async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = lost => {}
+        }
+    };
+    crate::controller::run(ctx, shutdown).await;
+    tracing::info!("controller stopped");
+}
+
 /// Run the operator until SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
@@ -189,9 +239,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         allowed_principals: _,
         reserved_env_names: _,
         excluded_namespaces: _,
+        pod_secret_grace,
+        rotation_rate,
+        lease_name,
+        lease_namespace,
+        lease_duration,
+        identity,
         reload_interval,
         log_format,
     } = args.clone();
+    let identity = identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("agentsecrets-{}", std::process::id()));
     crate::telemetry::init_logging(log_format);
     let policy = Arc::new(args.policy()?);
     if policy.allowed_principals.is_empty() {
@@ -281,6 +340,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             server::serve_admin(admin_listener, router, stop.cancelled_owned())
                 .await
                 .context("admin server failed")
+        });
+    }
+    // Only the Lease holder reconciles and writes; every replica serves admission.
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+    {
+        let elector = Elector {
+            api: kube::Api::namespaced(client.clone(), &lease_namespace),
+            name: lease_name,
+            identity: identity.clone(),
+            duration: lease_duration,
+        };
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            elector
+                .run(leader_tx, stop)
+                .await
+                .context("leader election stopped")
+        });
+    }
+    {
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            state.keyring.clone(),
+            state.index.clone(),
+            state.metrics.clone(),
+            rotation_rate,
+            pod_secret_grace,
+            Some(identity),
+        ));
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            run_controller_while_leader(ctx, leader_rx, stop).await;
+            Ok(())
         });
     }
     tracing::info!(%webhook_addr, %admin_addr, "agent-secrets started");

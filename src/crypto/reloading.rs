@@ -10,9 +10,19 @@ use zeroize::Zeroizing;
 use super::keyring::{Keyring, KeyringError};
 
 /// Shared, swappable keyring. Readers take a cheap snapshot per request.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct KeyringHandle {
     current: Arc<ArcSwapOption<Keyring>>,
+    changed: Arc<tokio::sync::watch::Sender<()>>,
+}
+
+impl Default for KeyringHandle {
+    fn default() -> Self {
+        Self {
+            current: Arc::default(),
+            changed: Arc::new(tokio::sync::watch::channel(()).0),
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyringHandle {
@@ -39,6 +49,12 @@ impl KeyringHandle {
     /// Put `keyring` in force.
     pub fn replace(&self, keyring: Keyring) {
         self.current.store(Some(Arc::new(keyring)));
+        self.changed.send_replace(());
+    }
+
+    /// A receiver notified each time a keyring is put in force.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
     }
 
     /// Forget the keyring: nothing can be sealed or opened until one is put in force.

@@ -1,0 +1,227 @@
+//! Pod-scoped Secrets live no longer than their sandbox: once the pod exists its Secret gets an
+//! ownerReference (garbage collection deletes it with the pod); one whose pod never appeared
+//! is deleted after a grace period.
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt as _;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::Action;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Context, Error};
+use crate::api::{OWNER_LABEL, SECRET_NAME_ANNOTATION};
+
+/// What a pod-scoped Secret needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecretAction {
+    /// Already owned by its pod: garbage collection takes care of it.
+    Done,
+    /// Its pod exists: make the pod its owner.
+    Adopt(OwnerReference),
+    /// No pod appeared within the grace period: delete the plaintext copy.
+    Delete,
+    /// No pod yet: look again after this long.
+    Wait(Duration),
+}
+
+/// Decide for one pod-scoped Secret given the labelled pods of its namespace.
+pub fn secret_action(
+    secret: &Secret,
+    pods: &[Pod],
+    now: Timestamp,
+    grace: Duration,
+) -> SecretAction {
+    if !secret.owner_references().is_empty() {
+        return SecretAction::Done;
+    }
+    let name = secret.name_any();
+    let owner = secret.labels().get(OWNER_LABEL);
+    // The pod names its Secret in an annotation; the owner labels must agree, so a pod that
+    // merely claims someone else's Secret does not adopt it.
+    let pod = pods.iter().find(|pod| {
+        pod.annotations().get(SECRET_NAME_ANNOTATION) == Some(&name)
+            && pod.labels().get(OWNER_LABEL) == owner
+            && pod.metadata.deletion_timestamp.is_none()
+    });
+    if let Some(pod) = pod
+        && let Some(uid) = pod.uid()
+    {
+        return SecretAction::Adopt(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: pod.name_any(),
+            uid,
+            // Not a controller reference, and no blockOwnerDeletion: that would need
+            // update on pods/finalizers, which the operator is not granted.
+            controller: None,
+            block_owner_deletion: None,
+        });
+    }
+    let created = secret
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, |t| t.0);
+    let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
+    let deadline = created.checked_add(grace).unwrap_or(Timestamp::MAX);
+    if now >= deadline {
+        SecretAction::Delete
+    } else {
+        let left = now.duration_until(deadline);
+        SecretAction::Wait(
+            Duration::try_from(left)
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_secs(1)),
+        )
+    }
+}
+
+/// Reconcile one pod-scoped Secret.
+pub async fn reconcile(secret: Arc<Secret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = secret.namespace().unwrap_or_default();
+    let name = secret.name_any();
+    if !secret.owner_references().is_empty() {
+        return Ok(Action::await_change());
+    }
+    let owner = secret
+        .labels()
+        .get(OWNER_LABEL)
+        .cloned()
+        .unwrap_or_default();
+    let pods_api: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &namespace);
+    let pods = pods_api
+        .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={owner}")))
+        .await
+        .map_err(Error::Kube)?;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(ctx.client.clone(), &namespace);
+    match secret_action(&secret, &pods.items, Timestamp::now(), ctx.pod_secret_grace) {
+        SecretAction::Done => Ok(Action::await_change()),
+        SecretAction::Adopt(reference) => {
+            let patch = json!({"metadata": {"ownerReferences": [reference]}});
+            secrets
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(Error::Kube)?;
+            tracing::info!(namespace, secret = name, pod = %reference.name, "pod-scoped Secret adopted by its pod");
+            Ok(Action::await_change())
+        }
+        SecretAction::Delete => {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: secret.uid(),
+                    resource_version: secret.resource_version(),
+                }),
+                ..DeleteParams::default()
+            };
+            match secrets.delete(&name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(Error::Kube(e)),
+            }
+            tracing::info!(
+                namespace,
+                secret = name,
+                "deleted pod-scoped Secret whose pod never appeared"
+            );
+            Ok(Action::await_change())
+        }
+        SecretAction::Wait(after) => Ok(Action::requeue(after)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::ObjectMeta;
+
+    const GRACE: Duration = Duration::from_secs(300);
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn secret(owner_refs: bool) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("sandbox-asec-abc".into()),
+                namespace: Some("ns".into()),
+                labels: Some([(OWNER_LABEL.to_owned(), "alice".to_owned())].into()),
+                creation_timestamp: Some(Time(at(0))),
+                owner_references: owner_refs.then(|| vec![OwnerReference::default()]),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        }
+    }
+
+    fn pod(owner: &str, secret: &str, uid: Option<&str>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("sandbox-x1".into()),
+                namespace: Some("ns".into()),
+                uid: uid.map(Into::into),
+                labels: Some([(OWNER_LABEL.to_owned(), owner.to_owned())].into()),
+                annotations: Some([(SECRET_NAME_ANNOTATION.to_owned(), secret.to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn an_owned_secret_is_left_to_garbage_collection() {
+        assert_eq!(
+            secret_action(&secret(true), &[], at(10_000), GRACE),
+            SecretAction::Done
+        );
+    }
+
+    #[test]
+    fn the_pod_naming_the_secret_adopts_it() {
+        let pods = [
+            pod("alice", "other", Some("u0")),
+            pod("alice", "sandbox-asec-abc", Some("u1")),
+        ];
+        let SecretAction::Adopt(reference) = secret_action(&secret(false), &pods, at(1), GRACE)
+        else {
+            panic!("expected adoption");
+        };
+        assert_eq!(reference.uid, "u1");
+        assert_eq!(
+            (reference.api_version.as_str(), reference.kind.as_str()),
+            ("v1", "Pod")
+        );
+        assert_eq!(reference.name, "sandbox-x1");
+        assert_eq!(reference.block_owner_deletion, None);
+    }
+
+    #[test]
+    fn a_pod_of_another_owner_claiming_the_secret_does_not_adopt_it() {
+        let pods = [pod("mallory", "sandbox-asec-abc", Some("u1"))];
+        assert_eq!(
+            secret_action(&secret(false), &pods, at(1), GRACE),
+            SecretAction::Wait(Duration::from_secs(299))
+        );
+    }
+
+    #[test]
+    fn an_orphan_waits_out_the_grace_period_then_is_deleted() {
+        assert_eq!(
+            secret_action(&secret(false), &[], at(60), GRACE),
+            SecretAction::Wait(Duration::from_secs(240))
+        );
+        assert_eq!(
+            secret_action(&secret(false), &[], at(300), GRACE),
+            SecretAction::Delete
+        );
+        assert_eq!(
+            secret_action(&secret(false), &[], at(9_999), GRACE),
+            SecretAction::Delete
+        );
+    }
+}
