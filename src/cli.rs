@@ -29,9 +29,87 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Print the AgentSecret CustomResourceDefinition (YAML), as installed from crds/.
     Crd,
-    /// Manage key-encryption keys (KEKs): generate keyrings, add a new primary key.
+    /// Manage key-encryption keys (KEKs): generate keyrings, add a new primary key, report
+    /// which keys are in use.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Preview offline what admission does to a pod (references only, never values).
+    ///
+    /// Reads AgentSecrets from --secrets (files or a directory; sample `value`s are sealed in
+    /// memory) or, without it, from the cluster, and prints the mutated pod.
+    Inject(InjectArgs),
+    /// Create or update a secret. The value is read from a hidden prompt, or from stdin when
+    /// piped, so it never lands in shell history; empty input keeps the current value.
+    Set(SetArgs),
+    /// List secrets as cards: name, description, created, masked value, readiness.
+    List(ListArgs),
+    /// Delete a secret; sandboxes started afterwards no longer get it.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// Pod manifest (YAML or JSON); `-` reads stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+    /// AgentSecret manifests (a file or a directory of .yaml files) instead of the cluster.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub secrets: Option<PathBuf>,
+    /// Keyring to open sealed values with [default: a throwaway key for sample values].
+    #[arg(long, env = "AGENTSECRETS_KEYRING", value_name = "FILE")]
+    pub keyring: Option<PathBuf>,
+    /// Namespace for objects that name none [default: the pod's, else "default"].
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// The requester to preview as (matters with --allowed-principals).
+    #[arg(long, default_value = "preview-user")]
+    pub requester: String,
+    /// Principals allowed to create sandbox pods, as for `run`.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_principals: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// Env name inside the sandbox, e.g. SERVICE_API_KEY.
+    pub env_name: String,
+    /// User the secret belongs to.
+    #[arg(long)]
+    pub owner: String,
+    /// What the secret is for.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Namespace [default: the kubeconfig context's].
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this user's secrets.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Namespace [default: the kubeconfig context's].
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "cards")]
+    pub output: crate::tools::user::ListFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Env name of the secret.
+    pub env_name: String,
+    /// User the secret belongs to.
+    #[arg(long)]
+    pub owner: String,
+    /// Namespace [default: the kubeconfig context's].
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -43,6 +121,19 @@ pub enum KeysCommand {
     /// it as a Kubernetes Secret manifest to `kubectl apply -f -`. The output contains key
     /// material: redirect it to a protected place, never to a shared log.
     Generate(GenerateArgs),
+    /// Report how many AgentSecrets are wrapped under each key (cluster-wide), and whether an
+    /// old key may be removed from the keyring.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Keyring in force, to compare with [recommended].
+    #[arg(long, env = "AGENTSECRETS_KEYRING", value_name = "FILE")]
+    pub keyring: Option<PathBuf>,
+    /// Only this namespace [default: all namespaces].
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +167,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::api::crd_yaml().context("failed to render the CRD")?
             );
             Ok(())
+        }
+        Command::Keys(KeysCommand::Status(args)) => keys_status(args).await,
+        Command::Inject(args) => inject(args).await,
+        Command::Set(args) => {
+            crate::tools::user::set(
+                &args.env_name,
+                &args.owner,
+                args.description,
+                args.namespace,
+            )
+            .await
+        }
+        Command::List(args) => {
+            crate::tools::user::list(args.owner, args.namespace, args.output).await
+        }
+        Command::Delete(args) => {
+            crate::tools::user::delete(&args.env_name, &args.owner, args.namespace, args.yes).await
         }
         Command::Keys(KeysCommand::Generate(args)) => {
             let out = generate_keyring(&args)?;
@@ -133,4 +241,80 @@ pub fn generate_keyring(args: &GenerateArgs) -> anyhow::Result<zeroize::Zeroizin
     };
     let yaml = serde_yaml::to_string(&manifest).context("failed to render the Secret")?;
     Ok(zeroize::Zeroizing::new(yaml))
+}
+
+async fn keys_status(args: StatusArgs) -> anyhow::Result<()> {
+    let StatusArgs { keyring, namespace } = args;
+    let keyring = keyring.map(|p| Keyring::load(&p)).transpose()?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no cluster configured: set KUBECONFIG or a current kubeconfig context")?;
+    let api: kube::Api<crate::api::AgentSecret> = match &namespace {
+        Some(ns) => kube::Api::namespaced(client, ns),
+        None => kube::Api::all(client),
+    };
+    let items = api
+        .list(&kube::api::ListParams::default())
+        .await
+        .map_err(|e| crate::tools::user::explain(e, namespace.as_deref().unwrap_or("<all>")))?
+        .items;
+    print!(
+        "{}",
+        crate::tools::keys::key_report(&items, keyring.as_ref()).render()
+    );
+    Ok(())
+}
+
+async fn inject(args: InjectArgs) -> anyhow::Result<()> {
+    let InjectArgs {
+        file,
+        secrets,
+        keyring,
+        namespace,
+        requester,
+        allowed_principals,
+    } = args;
+    let text = if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+        text
+    } else {
+        std::fs::read_to_string(&file)
+            .with_context(|| format!("failed to read {}", file.display()))?
+    };
+    let mut pod: serde_json::Value = serde_yaml::from_str(&text)
+        .map_err(|_| anyhow::anyhow!("{} is not a YAML or JSON manifest", file.display()))?;
+    let namespace = namespace
+        .or_else(|| pod["metadata"]["namespace"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "default".to_owned());
+    pod["metadata"]["namespace"] = serde_json::Value::String(namespace.clone());
+    let keyring = match keyring {
+        Some(path) => Keyring::load(&path)?,
+        None => Keyring::generate("preview")?,
+    };
+    let mut objects = match secrets {
+        Some(path) => crate::tools::inject::read_agentsecrets(&path)?,
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("no --secrets given and no cluster configured")?;
+            kube::Api::<crate::api::AgentSecret>::namespaced(client, &namespace)
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| crate::tools::user::explain(e, &namespace))?
+                .items
+        }
+    };
+    crate::tools::inject::prepare(&mut objects, &keyring, &namespace)?;
+    let policy = crate::webhook::Policy {
+        allowed_principals: allowed_principals
+            .iter()
+            .filter_map(|p| crate::webhook::Principal::parse(p))
+            .collect(),
+        ..crate::webhook::Policy::default()
+    };
+    let preview = crate::tools::inject::preview(pod, &objects, &keyring, &policy, &requester)?;
+    eprintln!("{}", preview.summary);
+    print!("{}", preview.pod_yaml);
+    Ok(())
 }

@@ -8,4 +8,5 @@ pub mod controller;
 pub mod crypto;
 pub mod run;
 pub mod telemetry;
+pub mod tools;
 pub mod webhook;
