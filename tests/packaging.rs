@@ -89,8 +89,14 @@ fn webhooks_call_the_paths_the_server_serves() {
         assert_eq!(webhook["sideEffects"], "NoneOnDryRun");
         let pods = webhook["clientConfig"]["service"]["path"] == "/mutate/pods";
         if pods {
-            assert_eq!(webhook["rules"][0]["operations"], Value::from(vec!["CREATE"]));
-            assert_eq!(webhook["objectSelector"]["matchExpressions"][0]["key"], "agentsecrets.io/owner");
+            assert_eq!(
+                webhook["rules"][0]["operations"],
+                Value::from(vec!["CREATE"])
+            );
+            assert_eq!(
+                webhook["objectSelector"]["matchExpressions"][0]["key"],
+                "agentsecrets.io/owner"
+            );
         }
     }
 }
