@@ -205,6 +205,32 @@ impl SecretIndex {
     }
 }
 
+/// `owners` × `per_owner` AgentSecrets in `namespace` sealed under `keyring`'s primary:
+/// owners `user-0`…, env names `SECRET_0`…. For benchmarks and load tests.
+pub fn synthetic(
+    keyring: &crate::crypto::Keyring,
+    namespace: &str,
+    owners: usize,
+    per_owner: usize,
+) -> Result<Vec<CachedSecret>, CryptoError> {
+    let mut secrets = Vec::with_capacity(owners.saturating_mul(per_owner));
+    for o in 0..owners {
+        let owner = format!("user-{o}");
+        let ctx = crate::crypto::SealContext::new(namespace, &owner);
+        for s in 0..per_owner {
+            let value = format!("synthetic-value-{o}-{s}");
+            secrets.push(CachedSecret {
+                namespace: namespace.to_owned(),
+                name: format!("{owner}-secret-{s}"),
+                owner: owner.clone(),
+                env_name: format!("SECRET_{s}"),
+                sealed: Some(Ok(keyring.seal_envelope(value.as_bytes(), ctx)?)),
+            });
+        }
+    }
+    Ok(secrets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

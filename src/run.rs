@@ -97,6 +97,11 @@ pub struct RunArgs {
     /// How often the keyring and TLS files are checked for changes.
     #[arg(long, env = "AGENTSECRETS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// Benchmark mode, without a cluster: fill the cache with OWNERSxSECRETS synthetic
+    /// AgentSecrets (owners `user-N`, namespace `bench`) sealed under the keyring's primary, and
+    /// discard pod-scoped Secrets instead of creating them. Nothing is watched or reconciled.
+    #[arg(long, hide = true, value_name = "OWNERSxSECRETS", value_parser = parse_synthetic)]
+    pub bench_synthetic_cache: Option<(usize, usize)>,
     /// Log format.
     #[arg(
         long,
@@ -129,6 +134,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Ok(Duration::from_millis(number.saturating_mul(millis)))
+}
+
+/// Parse `OWNERSxSECRETS`, e.g. `5000x20`.
+pub fn parse_synthetic(text: &str) -> Result<(usize, usize), String> {
+    let (owners, secrets) = text
+        .split_once('x')
+        .ok_or_else(|| format!("{text:?} is not OWNERSxSECRETS, e.g. 5000x20"))?;
+    let parse = |n: &str| {
+        n.parse::<usize>()
+            .map_err(|_| format!("{text:?} is not OWNERSxSECRETS, e.g. 5000x20"))
+    };
+    Ok((parse(owners)?, parse(secrets)?))
 }
 
 impl RunArgs {
@@ -246,6 +263,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_duration,
         identity,
         reload_interval,
+        bench_synthetic_cache,
         log_format,
     } = args.clone();
     let identity = identity
@@ -259,9 +277,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
 
-    let client = kube::Client::try_default()
-        .await
-        .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let client = match bench_synthetic_cache {
+        Some(_) => None,
+        None => Some(
+            kube::Client::try_default()
+                .await
+                .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?,
+        ),
+    };
     let tls = RustlsConfig::from_pem_file(&tls_cert, &tls_key)
         .await
         .with_context(|| {
@@ -281,13 +304,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let keyring_handle = KeyringHandle::default();
     let index = Arc::new(SecretIndex::default());
     let metrics = Arc::new(Metrics::default());
+    if let Some((owners, per_owner)) = bench_synthetic_cache {
+        let ring = crate::crypto::Keyring::load(&keyring)?;
+        index.replace_all(crate::cache::synthetic(&ring, "bench", owners, per_owner)?);
+        keyring_handle.replace(ring);
+        tracing::warn!(
+            secrets = index.len(),
+            "benchmark mode: synthetic cache, no cluster, pod-scoped Secrets are discarded"
+        );
+    }
+    let writer: Arc<dyn server::SecretWriter> = match &client {
+        Some(client) => Arc::new(KubeSecretWriter {
+            client: client.clone(),
+        }),
+        None => Arc::new(server::DiscardingWriter),
+    };
     let state = AppState {
         keyring: keyring_handle.clone(),
         index: index.clone(),
         policy,
-        writer: Arc::new(KubeSecretWriter {
-            client: client.clone(),
-        }),
+        writer,
         metrics,
     };
 
@@ -316,9 +352,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    {
+    if let Some(client) = client.clone() {
         let stop = stop.clone();
-        let client = client.clone();
         tasks.spawn(async move {
             watch_agentsecrets(client, index, stop).await;
             Ok(())
@@ -343,25 +378,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     // Only the Lease holder reconciles and writes; every replica serves admission.
-    let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-    {
+    if let Some(client) = client {
+        let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
         let elector = Elector {
             api: kube::Api::namespaced(client.clone(), &lease_namespace),
             name: lease_name,
             identity: identity.clone(),
             duration: lease_duration,
         };
-        let stop = stop.clone();
+        let elector_stop = stop.clone();
         tasks.spawn(async move {
             elector
-                .run(leader_tx, stop)
+                .run(leader_tx, elector_stop)
                 .await
                 .context("leader election stopped")
         });
-    }
-    {
         let ctx = Arc::new(Context::new(
-            client.clone(),
+            client,
             state.keyring.clone(),
             state.index.clone(),
             state.metrics.clone(),

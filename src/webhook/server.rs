@@ -47,6 +47,17 @@ pub trait SecretWriter: Send + Sync + 'static {
     fn create(&self, secret: Secret) -> BoxFuture<'_, Result<(), String>>;
 }
 
+/// Creates nothing: the benchmark mode of `run`, where no cluster exists.
+#[derive(Debug, Clone, Copy)]
+pub struct DiscardingWriter;
+
+impl SecretWriter for DiscardingWriter {
+    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<(), String>> {
+        drop(secret);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
 /// Creates Secrets through the Kubernetes API.
 #[derive(Clone)]
 pub struct KubeSecretWriter {

@@ -1,0 +1,152 @@
+//! In-process costs: envelope encryption, and the two admission decisions with a cache of
+//! 100 000 AgentSecrets. Run with `cargo bench --bench admission`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use agent_secrets::api::{AgentSecret, AgentSecretSpec, SecretString};
+use agent_secrets::cache::{SecretIndex, synthetic};
+use agent_secrets::crypto::{Keyring, SealContext};
+use agent_secrets::webhook::{Policy, agentsecret, pod};
+use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use serde_json::json;
+
+const CTX: SealContext<'static> = SealContext {
+    namespace: "bench",
+    owner: "user-0",
+};
+
+fn crypto(c: &mut Criterion) {
+    let mut keyring = Keyring::generate("old").unwrap();
+    let mut group = c.benchmark_group("envelope");
+    for size in [64usize, 4096] {
+        let value = vec![0x5a; size];
+        let sealed = keyring.seal(&value, CTX).unwrap();
+        group.bench_with_input(BenchmarkId::new("seal", size), &value, |b, v| {
+            b.iter(|| keyring.seal(black_box(v), CTX).unwrap())
+        });
+        group.bench_with_input(BenchmarkId::new("open", size), &sealed, |b, s| {
+            b.iter(|| keyring.open(black_box(s), CTX).unwrap())
+        });
+        group.bench_with_input(BenchmarkId::new("seal+open", size), &value, |b, v| {
+            b.iter(|| {
+                let sealed = keyring.seal(black_box(v), CTX).unwrap();
+                keyring.open(&sealed, CTX).unwrap()
+            })
+        });
+    }
+    keyring.add_primary("new").unwrap();
+    for size in [64usize, 4096] {
+        let mut old = Keyring::from_yaml(&keyring.to_yaml().unwrap()).unwrap();
+        old.set_primary("old").unwrap();
+        let sealed = old.seal(&vec![0x5a; size], CTX).unwrap();
+        group.bench_with_input(BenchmarkId::new("rewrap", size), &sealed, |b, s| {
+            b.iter(|| keyring.rewrap(black_box(s)).unwrap())
+        });
+    }
+    group.finish();
+}
+
+/// 100 000 AgentSecrets: 5 000 owners × 20, plus owners with 1 and 100 secrets.
+fn index(keyring: &Keyring) -> SecretIndex {
+    let index = SecretIndex::default();
+    let mut secrets = synthetic(keyring, "bench", 5_000, 20).unwrap();
+    for (owner, count) in [("one", 1), ("hundred", 100)] {
+        for mut secret in synthetic(keyring, "bench", 1, count).unwrap() {
+            let ctx = SealContext::new("bench", owner);
+            secret.owner = owner.to_owned();
+            secret.name = format!("{owner}-{}", secret.name);
+            secret.sealed = Some(Ok(keyring.seal_envelope(b"value", ctx).unwrap()));
+            secrets.push(secret);
+        }
+    }
+    index.replace_all(secrets);
+    index
+}
+
+fn pod_request(owner: &str) -> AdmissionRequest<Pod> {
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "b3f1c2d4-0000-4000-8000-000000000000",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "bench", "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:bench:orchestrator"},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "sandbox-", "namespace": "bench",
+                             "labels": {"agentsecrets.io/owner": owner}},
+                "spec": {"containers": [
+                    {"name": "sandbox", "image": "agent:1", "env": [{"name": "LOG_LEVEL", "value": "info"}]},
+                    {"name": "browser", "image": "browser:1"}
+                ]}
+            },
+            "dryRun": false
+        }
+    });
+    let review: AdmissionReview<Pod> = serde_json::from_value(review).unwrap();
+    review.try_into().unwrap()
+}
+
+fn admission(c: &mut Criterion) {
+    let keyring = Keyring::generate("k").unwrap();
+    let index = index(&keyring);
+    assert_eq!(index.len(), 100_101);
+    let policy = Policy::default();
+    let mut group = c.benchmark_group("pod_mutation");
+    for (owner, count) in [("one", 1), ("user-42", 20), ("hundred", 100)] {
+        let request = pod_request(owner);
+        group.bench_function(BenchmarkId::new("secrets", count), |b| {
+            b.iter(|| {
+                let decision = pod::mutate(
+                    black_box(&request),
+                    Some(&keyring),
+                    &index,
+                    &policy,
+                    "sandbox-asec-x",
+                );
+                assert!(matches!(decision, pod::Decision::Inject(_)));
+                decision
+            })
+        });
+    }
+    group.finish();
+
+    let mut object = AgentSecret::new(
+        "user-0-new",
+        AgentSecretSpec {
+            owner: "user-0".into(),
+            env_name: "NEW_API_KEY".into(),
+            description: None,
+            value: Some(SecretString::new(
+                "sk-live-0123456789abcdef0123456789abcdef".into(),
+            )),
+            sealed: None,
+        },
+    );
+    object.metadata.namespace = Some("bench".into());
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "b3f1c2d4-0000-4000-8000-000000000001",
+            "kind": {"group": "agentsecrets.io", "version": "v1alpha1", "kind": "AgentSecret"},
+            "resource": {"group": "agentsecrets.io", "version": "v1alpha1", "resource": "agentsecrets"},
+            "namespace": "bench", "name": "user-0-new", "operation": "CREATE",
+            "userInfo": {"username": "alice"}, "object": object, "dryRun": false
+        }
+    });
+    let review: AdmissionReview<AgentSecret> = serde_json::from_value(review).unwrap();
+    let request: AdmissionRequest<AgentSecret> = review.try_into().unwrap();
+    c.bench_function("agentsecret_mutation/seal", |b| {
+        b.iter(|| {
+            let decision =
+                agentsecret::mutate(black_box(&request), Some(&keyring), &index, &policy);
+            assert!(matches!(decision, agentsecret::Decision::Patch { .. }));
+            decision
+        })
+    });
+}
+
+criterion_group!(benches, crypto, admission);
+criterion_main!(benches);
