@@ -310,7 +310,9 @@ where
         message,
     };
     let review: AdmissionReview<T> = serde_json::from_slice(body).map_err(|e| {
-        invalid(match e.classify() {
+        // A review of another kind fails to deserialize as `T`: name the kinds rather than
+        // the position of the first field that differs.
+        wrong_kind(body, kind, group).unwrap_or_else(|| invalid(match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
                 format!("request body is not valid JSON (line {}, column {})", e.line(), e.column())
             }
@@ -319,7 +321,7 @@ where
                 e.line(),
                 e.column()
             ),
-        })
+        }))
     })?;
     if review.types.api_version != "admission.k8s.io/v1" || review.types.kind != "AdmissionReview" {
         return Err(invalid(format!(
@@ -339,6 +341,28 @@ where
         return Err(invalid);
     }
     Ok(request)
+}
+
+/// The refusal of a well-formed review of another kind than `kind`, if `body` is one.
+fn wrong_kind(body: &[u8], kind: &str, group: &str) -> Option<Invalid> {
+    #[derive(serde::Deserialize)]
+    struct Review {
+        request: Request,
+    }
+    #[derive(serde::Deserialize)]
+    struct Request {
+        uid: String,
+        kind: kube::core::GroupVersionKind,
+    }
+    let request = serde_json::from_slice::<Review>(body).ok()?.request;
+    (request.kind.kind != kind || request.kind.group != group).then(|| Invalid {
+        uid: Some(request.uid),
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "this endpoint admits {kind} objects, not {}/{}",
+            request.kind.group, request.kind.kind
+        ),
+    })
 }
 
 fn operation_label(operation: &Operation) -> &'static str {

@@ -19,6 +19,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub const NAMESPACE: &str = "sandboxes";
@@ -139,16 +140,26 @@ pub fn standard_secrets(keyring: &Keyring) -> Vec<AgentSecret> {
     ]
 }
 
-/// Records created Secrets instead of calling an API server; can be told to fail.
+/// Records created Secrets instead of calling an API server; can be told to fail, or to take
+/// its time (as an API server round trip does).
 #[derive(Default)]
 pub struct RecordingWriter {
     pub created: Mutex<Vec<Secret>>,
     pub fail_with: Mutex<Option<String>>,
+    /// How long each `create` waits before recording.
+    pub delay: Mutex<Option<Duration>>,
+    /// Notified when a `create` starts, i.e. while a pod review is in flight.
+    pub entered: tokio::sync::Notify,
 }
 
 impl SecretWriter for RecordingWriter {
     fn create(&self, secret: Secret) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
+            self.entered.notify_one();
+            let delay = *self.delay.lock().unwrap();
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             if let Some(message) = self.fail_with.lock().unwrap().clone() {
                 return Err(message);
             }
@@ -166,6 +177,8 @@ pub struct TestServer {
     pub index: Arc<SecretIndex>,
     pub writer: Arc<RecordingWriter>,
     pub metrics: Arc<Metrics>,
+    /// The handlers' state, e.g. for the admin router.
+    pub state: AppState,
     pub tls: RustlsConfig,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -201,6 +214,18 @@ impl TestServer {
         let tls = RustlsConfig::from_pem(cert.cert_pem.into_bytes(), cert.key_pem.into_bytes())
             .await
             .unwrap();
+        Self::start_with_tls(policy, keyring, secrets, tls, cert.der).await
+    }
+
+    /// Serve with the given TLS configuration; `ca_der` is what [`Self::client`] trusts.
+    pub async fn start_with_tls(
+        policy: Policy,
+        keyring: Keyring,
+        secrets: Vec<AgentSecret>,
+        tls: RustlsConfig,
+        ca_der: Vec<u8>,
+    ) -> Self {
+        install_crypto_provider();
         let index = Arc::new(SecretIndex::default());
         index.replace_all(secrets.iter().filter_map(CachedSecret::from_object));
         let keyring_handle = KeyringHandle::new(keyring);
@@ -220,17 +245,18 @@ impl TestServer {
         let task = tokio::spawn(server::serve_webhook(
             listener,
             tls.clone(),
-            server::webhook_router(state),
+            server::webhook_router(state.clone()),
             stop.clone().cancelled_owned(),
         ));
         Self {
             addr,
-            ca_der: cert.der,
+            ca_der,
             keyring,
             keyring_handle,
             index,
             writer,
             metrics,
+            state,
             tls,
             stop,
             task,
@@ -256,6 +282,35 @@ impl TestServer {
     pub fn created(&self) -> Vec<Secret> {
         self.writer.created.lock().unwrap().clone()
     }
+
+    /// GET `path` from the admin router (probes, metrics): `(status, content type, body)`.
+    pub async fn admin_get(&self, path: &str) -> (u16, String, String) {
+        admin_get(&self.state, path).await
+    }
+}
+
+/// GET `path` from the admin router over `state`: `(status, content type, body)`.
+pub async fn admin_get(state: &AppState, path: &str) -> (u16, String, String) {
+    use tower::ServiceExt as _;
+    let request = hyper::Request::get(path)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = server::admin_router(state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        content_type,
+        String::from_utf8(bytes.to_vec()).unwrap(),
+    )
 }
 
 pub struct HttpsClient {
@@ -288,17 +343,36 @@ impl HttpsClient {
     }
 
     pub async fn post(&mut self, path: &str, body: impl Into<Bytes>) -> (u16, Value) {
+        self.try_post(path, body).await.unwrap()
+    }
+
+    /// POST `body`; an error when the connection fails. The answer is JSON, or the body as a
+    /// JSON string when it is not JSON.
+    pub async fn try_post(
+        &mut self,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<(u16, Value), String> {
         let request = hyper::Request::post(path)
             .header("content-type", "application/json")
             .header("host", "localhost")
             .body(Full::new(body.into()))
             .unwrap();
-        let response = self.sender.send_request(request).await.unwrap();
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         let value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, value)
+        Ok((status, value))
     }
 }
 
