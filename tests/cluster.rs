@@ -1,5 +1,6 @@
 //! Tests against a real Kubernetes API server (v1.30 or later: the CRD's CEL rules need it).
-//! Every test is ignored by default; run them explicitly:
+//! Every test is ignored by default; one command runs them all (this file and the controller
+//! tests in `tests/cluster/controller.rs`):
 //!
 //! ```sh
 //! export KUBECONFIG=$HOME/.kube/config
@@ -14,10 +15,14 @@
 //! cargo test --test cluster -- --ignored --test-threads=1
 //! ```
 //!
+//! Only the webhook tests need `AGENTSECRETS_TEST_WEBHOOK_HOST`; the CRD and controller tests
+//! (`cargo test --test cluster -- --ignored --test-threads=1 crd controller::`) do not.
+//!
 //! The credentials need to: server-side apply the AgentSecret CRD (field manager
 //! `agent-secrets-tests`; it is left installed), create and delete namespaces and
-//! MutatingWebhookConfigurations, and work with AgentSecrets, pods, Secrets and
-//! ServiceAccounts in those namespaces (cluster-admin on a throwaway cluster is simplest).
+//! MutatingWebhookConfigurations, list AgentSecrets and Secrets in every namespace, and work
+//! with AgentSecrets (and their status), pods, Secrets, ServiceAccounts, Leases and Events in
+//! those namespaces (cluster-admin on a throwaway cluster is simplest).
 //!
 //! Each test works in namespaces of its own (`asec-test-…`) and deletes them, and the webhook
 //! configuration it registered, when it ends, also on failure. The webhook configuration is
@@ -25,9 +30,17 @@
 //! agent-secrets operator itself must not be installed on the cluster: its webhook would seal
 //! the plaintext the CRD tests expect the CRD to refuse. The sandbox pods created here select
 //! a node label nobody has, so they stay Pending and nothing is pulled or run.
+//!
+//! The controller tests that run the controller do so in this process as the operator does,
+//! over the whole cluster: they first check that no AgentSecret or pod-scoped Secret exists
+//! outside test namespaces, and fail otherwise. A pod-scoped Secret is deleted with its pod by
+//! the garbage collector, so that test needs a kube-controller-manager (kind, minikube and
+//! real clusters have one; a bare kube-apiserver does not).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+#[path = "cluster/controller.rs"]
+mod controller;
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SealedValue, SecretString};
 use agent_secrets::cache::SecretIndex;
@@ -203,6 +216,27 @@ impl Guard {
         self.cleanups.push(Cleanup::Namespace(name.clone()));
         name
     }
+}
+
+/// Feed `index` from a watch on every AgentSecret, as the operator does, until `stop`.
+fn spawn_agentsecret_watch(client: &Client, index: &Arc<SecretIndex>, stop: &CancellationToken) {
+    let index = index.clone();
+    let stop = stop.clone();
+    let api = Api::<AgentSecret>::all(client.clone());
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        tokio::pin!(stream);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(Ok(event)) => index.apply(event),
+                    Some(Err(error)) => eprintln!("AgentSecret watch failed; retrying: {error}"),
+                    None => return,
+                },
+            }
+        }
+    });
 }
 
 fn api_error<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> Box<Status> {
@@ -571,25 +605,7 @@ impl Webhook {
 
         // The cache, fed by a watch on every AgentSecret as in production.
         let index = Arc::new(SecretIndex::default());
-        {
-            let index = index.clone();
-            let stop = guard.stop.clone();
-            let api = Api::<AgentSecret>::all(client.clone());
-            tokio::spawn(async move {
-                let stream = watcher(api, watcher::Config::default()).default_backoff();
-                tokio::pin!(stream);
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        event = stream.next() => match event {
-                            Some(Ok(event)) => index.apply(event),
-                            Some(Err(error)) => eprintln!("AgentSecret watch failed; retrying: {error}"),
-                            None => return,
-                        },
-                    }
-                }
-            });
-        }
+        spawn_agentsecret_watch(&client, &index, &guard.stop);
 
         let keyring_handle = KeyringHandle::new(Keyring::generate("cluster-test-kek").unwrap());
         let keyring = keyring_handle.current().unwrap();

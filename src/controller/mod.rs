@@ -7,7 +7,7 @@ pub mod lease;
 pub mod podsecret;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use crate::api::{AgentSecret, MANAGED_BY_LABEL, MANAGED_BY_VALUE, POD_SCOPED_LABEL};
+use crate::api::{AgentSecret, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, POD_SCOPED_LABEL};
 use crate::cache::SecretIndex;
 use crate::crypto::KeyringHandle;
 use crate::telemetry::{Metrics, ResultLabels};
@@ -172,6 +172,12 @@ pub async fn run(
     let pod_secrets = Controller::new(
         kube::Api::<Secret>::all(ctx.client.clone()),
         watcher::Config::default().labels(&selector),
+    )
+    // A sandbox pod is stored after the webhook created its Secret: adopt it when it appears.
+    .watches(
+        kube::Api::<Pod>::all(ctx.client.clone()),
+        watcher::Config::default().labels(OWNER_LABEL),
+        |pod| podsecret::secret_of_pod(&pod),
     )
     .graceful_shutdown_on(shutdown)
     .run(

@@ -8,6 +8,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt as _;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +79,15 @@ pub fn secret_action(
                 .max(Duration::from_secs(1)),
         )
     }
+}
+
+/// The pod-scoped Secret a sandbox pod names. The webhook creates the Secret before the pod
+/// is stored, so the Secret's own reconcile usually finds no pod yet; the pod appearing must
+/// prompt the adoption, or it would wait until the Secret's grace period ends.
+pub fn secret_of_pod(pod: &Pod) -> Option<ObjectRef<Secret>> {
+    let name = pod.annotations().get(SECRET_NAME_ANNOTATION)?;
+    let namespace = pod.namespace()?;
+    Some(ObjectRef::new(name).within(&namespace))
 }
 
 /// Reconcile one pod-scoped Secret.
@@ -207,6 +217,15 @@ mod tests {
             secret_action(&secret(false), &pods, at(1), GRACE),
             SecretAction::Wait(Duration::from_secs(299))
         );
+    }
+
+    #[test]
+    fn a_pod_prompts_a_look_at_the_secret_it_names() {
+        let reference = secret_of_pod(&pod("alice", "sandbox-asec-abc", Some("u1"))).unwrap();
+        assert_eq!(reference, ObjectRef::new("sandbox-asec-abc").within("ns"));
+        let mut unnamed = pod("alice", "sandbox-asec-abc", Some("u1"));
+        unnamed.metadata.annotations = None;
+        assert_eq!(secret_of_pod(&unnamed), None);
     }
 
     #[test]

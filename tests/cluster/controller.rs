@@ -1,0 +1,864 @@
+//! The controller against a real API server: key rotation at scale, pod-scoped Secrets living
+//! no longer than their sandbox, leader election, and the CRD refusing plaintext whoever
+//! writes it. None of them needs the webhook. Run with the rest of `tests/cluster.rs`.
+
+use super::{
+    Guard, agentsecret, api_error, assert_no_foreign_agentsecret_webhook, client,
+    ensure_default_service_account, eventually, install_crd, sandbox_pod, spawn_agentsecret_watch,
+    unique, with_sealed, with_value,
+};
+use agent_secrets::api::{AgentSecret, FIELD_MANAGER as CONTROLLER_FIELD_MANAGER, SealedValue};
+use agent_secrets::cache::SecretIndex;
+use agent_secrets::controller::lease::{Elector, LeaseError};
+use agent_secrets::controller::{self, Context};
+use agent_secrets::crypto::{Keyring, KeyringHandle, SealContext};
+use agent_secrets::telemetry::{Metrics, ResultLabels};
+use futures::StreamExt as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::{Client, ResourceExt as _};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const TEST_NAMESPACE_PREFIX: &str = "asec-test-";
+const POD_SCOPED_SELECTOR: &str =
+    "agentsecrets.io/pod-scoped=true,app.kubernetes.io/managed-by=agent-secrets";
+
+// ---------------------------------------------------------------------------------------
+// Harness
+
+/// The controller watches the whole cluster, as in production: refuse to run it where it
+/// would write to anything but test namespaces (another agent-secrets, or real users' data).
+async fn assert_controller_may_run(client: &Client) {
+    assert_no_foreign_agentsecret_webhook(client).await;
+    let foreign =
+        |namespace: Option<String>| namespace.filter(|ns| !ns.starts_with(TEST_NAMESPACE_PREFIX));
+    let agentsecrets = Api::<AgentSecret>::all(client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap();
+    if let Some(object) = agentsecrets
+        .items
+        .iter()
+        .find(|o| foreign(o.namespace()).is_some())
+    {
+        panic!(
+            "AgentSecret {}/{} exists outside test namespaces; the controller tests run the \
+             controller over the whole cluster and would write its status: use a cluster \
+             without agent-secrets data",
+            object.namespace().unwrap_or_default(),
+            object.name_any()
+        );
+    }
+    let secrets = Api::<Secret>::all(client.clone())
+        .list_metadata(&ListParams::default().labels(POD_SCOPED_SELECTOR))
+        .await
+        .unwrap();
+    if let Some(secret) = secrets
+        .items
+        .iter()
+        .find(|o| foreign(o.namespace()).is_some())
+    {
+        panic!(
+            "pod-scoped Secret {}/{} exists outside test namespaces; the controller tests run \
+             the controller over the whole cluster and may delete it: use a cluster without \
+             agent-secrets data",
+            secret.namespace().unwrap_or_default(),
+            secret.name_any()
+        );
+    }
+}
+
+/// Start the controller in this process as `agentsecrets run` does once leader (the cache fed
+/// by a watch), until the guard drops.
+fn start_controller(
+    client: &Client,
+    guard: &Guard,
+    keyring: KeyringHandle,
+    rewrap_per_second: u32,
+    pod_secret_grace: Duration,
+) -> Arc<Context> {
+    let index = Arc::new(SecretIndex::default());
+    spawn_agentsecret_watch(client, &index, &guard.stop);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        keyring,
+        index,
+        Arc::new(Metrics::default()),
+        rewrap_per_second,
+        pod_secret_grace,
+        Some(unique("cluster-test-controller")),
+    ));
+    tokio::spawn(controller::run(
+        ctx.clone(),
+        guard.stop.clone().cancelled_owned(),
+    ));
+    ctx
+}
+
+/// A pod-scoped Secret as the webhook creates it, for `owner`'s pod `pod`.
+fn pod_scoped_secret(name: &str, owner: &str, pod: &str, value: &str) -> Secret {
+    let mut secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "app.kubernetes.io/managed-by": "agent-secrets",
+                "agentsecrets.io/pod-scoped": "true",
+                "agentsecrets.io/owner": owner
+            },
+            "annotations": {"agentsecrets.io/pod": pod}
+        },
+        "immutable": true,
+        "type": "Opaque"
+    }))
+    .unwrap();
+    secret.data = Some(BTreeMap::from([(
+        "X_BEARER_TOKEN".to_owned(),
+        ByteString(value.as_bytes().to_vec()),
+    )]));
+    secret
+}
+
+/// A sandbox pod of `owner` (never scheduled) naming its pod-scoped Secret, as the webhook
+/// leaves it.
+fn sandbox_pod_naming(name: &str, owner: &str, secret: &str) -> Pod {
+    let mut pod = sandbox_pod(name, Some(owner));
+    pod.metadata.annotations = Some(BTreeMap::from([(
+        "agentsecrets.io/secret-name".to_owned(),
+        secret.to_owned(),
+    )]));
+    pod
+}
+
+/// The Secret's lifecycle state, for failure messages.
+fn describe_secret(secret: Option<&Secret>) -> String {
+    let Some(secret) = secret else {
+        return "gone".into();
+    };
+    let owners: Vec<String> = secret
+        .owner_references()
+        .iter()
+        .map(|r| format!("{}/{} uid={}", r.kind, r.name, r.uid))
+        .collect();
+    format!(
+        "ownerReferences={owners:?} deletionTimestamp={:?}",
+        secret.metadata.deletion_timestamp
+    )
+}
+
+async fn create_secret(api: &Api<Secret>, secret: &Secret) -> Secret {
+    api.create(&PostParams::default(), secret)
+        .await
+        .unwrap_or_else(|e| panic!("failed to create Secret {}: {e}", secret.name_any()))
+}
+
+async fn create_pod(api: &Api<Pod>, pod: &Pod) -> Pod {
+    api.create(&PostParams::default(), pod)
+        .await
+        .unwrap_or_else(|e| panic!("failed to create pod {}: {e}", pod.name_any()))
+}
+
+/// Wait until `name` has an ownerReference to `pod` (by uid), and check its shape.
+async fn wait_for_adoption(api: &Api<Secret>, name: &str, pod: &Pod, timeout: Duration) {
+    let uid = pod.uid().unwrap();
+    let secret = eventually(
+        &format!("Secret {name} adopted by pod {}", pod.name_any()),
+        timeout,
+        || async {
+            match api.get_opt(name).await.map_err(|e| e.to_string())? {
+                Some(secret) if secret.owner_references().iter().any(|r| r.uid == uid) => {
+                    Ok(secret)
+                }
+                other => Err(describe_secret(other.as_ref())),
+            }
+        },
+    )
+    .await;
+    let references = secret.owner_references();
+    assert_eq!(references.len(), 1, "{}", describe_secret(Some(&secret)));
+    let reference = &references[0];
+    assert_eq!(
+        (
+            reference.api_version.as_str(),
+            reference.kind.as_str(),
+            reference.name.as_str()
+        ),
+        ("v1", "Pod", pod.name_any().as_str())
+    );
+    // Never blocks the pod's deletion (the operator is not granted pods/finalizers).
+    assert_ne!(reference.block_owner_deletion, Some(true));
+}
+
+async fn wait_until_gone(api: &Api<Secret>, name: &str, timeout: Duration) {
+    eventually(&format!("Secret {name} deleted"), timeout, || async {
+        match api.get_opt(name).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(secret) => Err(describe_secret(Some(&secret))),
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Key rotation
+
+const ROTATED: usize = 300;
+const OLD_KEY: &str = "rotation-old";
+const NEW_KEY: &str = "rotation-new";
+
+/// Check every object is Ready with its value wrapped under `key_id` and a status that has
+/// observed the current generation; otherwise say how far along it is.
+fn all_ready_under(objects: &[AgentSecret], key_id: &str) -> Result<(), String> {
+    let mut on_key = 0;
+    let mut stale = Vec::new();
+    for object in objects {
+        let sealed_key = object.spec.sealed.as_ref().map(|s| s.key_id.as_str());
+        if sealed_key == Some(key_id) {
+            on_key += 1;
+        }
+        let status = object.status.as_ref();
+        let ready = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+        let generation = object.metadata.generation;
+        let fine = sealed_key == Some(key_id)
+            && status.and_then(|s| s.key_id.as_deref()) == Some(key_id)
+            && status.and_then(|s| s.observed_generation) == generation
+            && ready.is_some_and(|c| {
+                c.status == "True" && c.reason == "Sealed" && c.observed_generation == generation
+            });
+        if !fine {
+            stale.push(format!(
+                "{}: spec.sealed.keyId={sealed_key:?} generation={generation:?} status={:?}",
+                object.name_any(),
+                status.map(|s| (
+                    s.key_id.clone(),
+                    s.observed_generation,
+                    s.conditions
+                        .iter()
+                        .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+                        .collect::<Vec<_>>()
+                ))
+            ));
+        }
+    }
+    if objects.len() == ROTATED && stale.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} objects, {on_key} sealed under {key_id:?}, {} not Ready under it, e.g. {:?}",
+            objects.len(),
+            stale.len(),
+            stale.first()
+        ))
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
+    let client = client().await;
+    install_crd(&client).await;
+    assert_controller_may_run(&client).await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    let api: Api<AgentSecret> = Api::namespaced(client.clone(), &ns);
+
+    // Sealed under the old key as the webhook would have; the CRD stores them without it.
+    let old = Keyring::generate(OLD_KEY).unwrap();
+    let canary = unique("cluster-canary-rotation");
+    let mut originals: BTreeMap<String, (String, String, SealedValue)> = BTreeMap::new();
+    let mut objects = Vec::new();
+    for i in 0..ROTATED {
+        let owner = format!("user-{}", i % 7);
+        let name = format!("secret-{i:03}");
+        let value = format!("{canary}-{i}");
+        let mut object = agentsecret(&ns, &name, &owner, &format!("SECRET_{i:03}"));
+        let sealed = old
+            .seal(value.as_bytes(), SealContext::new(&ns, &owner))
+            .unwrap();
+        object.spec.sealed = Some(sealed.clone());
+        originals.insert(name, (owner, value, sealed));
+        objects.push(object);
+    }
+    let created: Vec<Result<(), String>> = futures::stream::iter(objects)
+        .map(|object| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &object)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{}: {e}", object.name_any()))
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for result in created {
+        result.unwrap_or_else(|e| panic!("failed to create an AgentSecret: {e}"));
+    }
+
+    // The controller with the old key only: everything becomes Ready under it.
+    let old_yaml = old.to_yaml().unwrap();
+    let handle = KeyringHandle::new(Keyring::from_yaml(&old_yaml).unwrap());
+    let ctx = start_controller(
+        &client,
+        &guard,
+        handle.clone(),
+        200,
+        Duration::from_secs(300),
+    );
+    let list = || async {
+        api.list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .map_err(|e| e.to_string())
+    };
+    eventually(
+        "every AgentSecret Ready under the old key",
+        Duration::from_secs(120),
+        || async { all_ready_under(&list().await?, OLD_KEY) },
+    )
+    .await;
+    let rewraps = |result: &'static str| {
+        ctx.metrics
+            .rewraps
+            .get_or_create(&ResultLabels { result })
+            .get()
+    };
+    assert_eq!(rewraps("ok"), 0, "nothing to re-wrap yet");
+
+    // A new primary key is put in force (as a reloaded keyring file would be): the controller
+    // re-wraps every data key under it without waiting for its periodic pass.
+    let mut rotated = Keyring::from_yaml(&old_yaml).unwrap();
+    rotated.add_primary(NEW_KEY).unwrap();
+    handle.replace(rotated);
+    let keyring = handle.current().unwrap();
+    let started = Instant::now();
+    let stored = eventually(
+        "every AgentSecret re-wrapped and Ready under the new key",
+        Duration::from_secs(120),
+        || async {
+            let objects = list().await?;
+            all_ready_under(&objects, NEW_KEY).map(|()| objects)
+        },
+    )
+    .await;
+    eprintln!(
+        "{ROTATED} AgentSecrets re-wrapped in {:?}",
+        started.elapsed()
+    );
+
+    assert_eq!(stored.len(), ROTATED);
+    let left_on_old: Vec<String> = stored
+        .iter()
+        .filter(|o| o.spec.sealed.as_ref().unwrap().key_id != NEW_KEY)
+        .map(|o| o.name_any())
+        .collect();
+    assert!(
+        left_on_old.is_empty(),
+        "left on the old key: {left_on_old:?}"
+    );
+    for object in &stored {
+        let name = object.name_any();
+        let (owner, value, original) = &originals[&name];
+        let sealed = object.spec.sealed.as_ref().unwrap();
+        assert!(object.spec.value.is_none(), "{name}");
+        // Only the data key is re-wrapped: the data is not re-encrypted.
+        assert_eq!(
+            (&sealed.nonce, &sealed.ciphertext, &sealed.sealed_at),
+            (&original.nonce, &original.ciphertext, &original.sealed_at),
+            "{name}"
+        );
+        assert_ne!(sealed.wrapped_key, original.wrapped_key, "{name}");
+        let opened = keyring
+            .open(sealed, SealContext::new(&ns, owner))
+            .unwrap_or_else(|e| panic!("{name} does not open after the rotation: {e}"));
+        assert_eq!(opened.expose(), value.as_bytes(), "{name}");
+    }
+    assert!(
+        rewraps("ok") >= u64::try_from(ROTATED).unwrap(),
+        "rewraps ok={} error={}",
+        rewraps("ok"),
+        rewraps("error")
+    );
+
+    // The cache admission reads from sees the new key too.
+    eventually(
+        "the cache sees every value under the new key",
+        Duration::from_secs(30),
+        || {
+            let on_new = (0..7)
+                .flat_map(|i| ctx.index.owner_secrets(&ns, &format!("user-{i}")))
+                .filter(|s| matches!(&s.sealed, Some(Ok(e)) if e.key_id == NEW_KEY))
+                .count();
+            async move {
+                if on_new == ROTATED {
+                    Ok(())
+                } else {
+                    Err(format!("{on_new} of {ROTATED} under {NEW_KEY}"))
+                }
+            }
+        },
+    )
+    .await;
+
+    // Progress is visible as events.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let rewrapped = eventually("a Rewrapped event", Duration::from_secs(30), || async {
+        let all = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reasons: Vec<Option<String>> = all.items.iter().map(|e| e.reason.clone()).collect();
+        all.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("Rewrapped"))
+            .ok_or_else(|| format!("event reasons: {reasons:?}"))
+    })
+    .await;
+    let regarding = rewrapped.regarding.clone().unwrap_or_default();
+    assert_eq!(regarding.kind.as_deref(), Some("AgentSecret"));
+    assert!(
+        originals.contains_key(regarding.name.as_deref().unwrap_or_default()),
+        "{regarding:?}"
+    );
+    assert_eq!(rewrapped.type_.as_deref(), Some("Normal"));
+    let note = rewrapped.note.clone().unwrap_or_default();
+    assert!(note.contains(OLD_KEY) && note.contains(NEW_KEY), "{note}");
+
+    // No plaintext in the stored objects or the events.
+    let everything = format!(
+        "{}{}",
+        serde_json::to_string(&api.list(&ListParams::default()).await.unwrap()).unwrap(),
+        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap()).unwrap()
+    );
+    assert!(
+        !everything.contains(&canary),
+        "a plaintext value was stored"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Pod-scoped Secrets
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn deleting_a_sandbox_pod_deletes_its_secret() {
+    let client = client().await;
+    install_crd(&client).await;
+    assert_controller_may_run(&client).await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    ensure_default_service_account(&client, &ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    // In the webhook's order: the Secret is created during the pod's admission, so the
+    // controller first sees it without a pod. A long grace period: only the pod's deletion may
+    // remove it.
+    let secret_name = "sandbox-alice-asec-x1y2z";
+    let value = unique("cluster-canary-pod-scoped");
+    create_secret(
+        &secrets,
+        &pod_scoped_secret(secret_name, "alice", "sandbox-alice", &value),
+    )
+    .await;
+    start_controller(
+        &client,
+        &guard,
+        KeyringHandle::new(Keyring::generate("pod-test").unwrap()),
+        20,
+        Duration::from_secs(600),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        secrets.get(secret_name).await.unwrap().owner_references(),
+        &[],
+        "no pod yet: nothing to adopt"
+    );
+
+    let pod = create_pod(
+        &pods,
+        &sandbox_pod_naming("sandbox-alice", "alice", secret_name),
+    )
+    .await;
+    // Adopted when the pod appears, not when the grace period ends.
+    wait_for_adoption(&secrets, secret_name, &pod, Duration::from_secs(30)).await;
+
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    pods.delete("sandbox-alice", &params).await.unwrap();
+    // The garbage collector deletes the Secret with its owner.
+    wait_until_gone(&secrets, secret_name, Duration::from_secs(60)).await;
+    assert!(pods.get_opt("sandbox-alice").await.unwrap().is_none());
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn a_pod_scoped_secret_without_its_pod_is_deleted_after_the_grace_period() {
+    const GRACE: Duration = Duration::from_secs(3);
+    let client = client().await;
+    install_crd(&client).await;
+    assert_controller_may_run(&client).await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    ensure_default_service_account(&client, &ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let value = unique("cluster-canary-orphan");
+
+    // A pod that never appeared; a pod that exists; a pod of another owner claiming alice's
+    // Secret (it must not adopt it); and a Secret of the user's own (not pod-scoped).
+    create_secret(
+        &secrets,
+        &pod_scoped_secret("orphan-asec-1", "alice", "sandbox-gone", &value),
+    )
+    .await;
+    create_secret(
+        &secrets,
+        &pod_scoped_secret("sandbox-alice-asec-2", "alice", "sandbox-alice", &value),
+    )
+    .await;
+    create_secret(
+        &secrets,
+        &pod_scoped_secret("claimed-asec-3", "alice", "sandbox-mallory", &value),
+    )
+    .await;
+    let mut own: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "alice-own", "labels": {"agentsecrets.io/owner": "alice"}},
+        "stringData": {"NOTE": "not pod-scoped"}
+    }))
+    .unwrap();
+    own = create_secret(&secrets, &own).await;
+    let alice_pod = create_pod(
+        &pods,
+        &sandbox_pod_naming("sandbox-alice", "alice", "sandbox-alice-asec-2"),
+    )
+    .await;
+    let mallory_pod = create_pod(
+        &pods,
+        &sandbox_pod_naming("sandbox-mallory", "mallory", "claimed-asec-3"),
+    )
+    .await;
+
+    start_controller(
+        &client,
+        &guard,
+        KeyringHandle::new(Keyring::generate("orphan-test").unwrap()),
+        20,
+        GRACE,
+    );
+    wait_for_adoption(
+        &secrets,
+        "sandbox-alice-asec-2",
+        &alice_pod,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_until_gone(&secrets, "orphan-asec-1", Duration::from_secs(30)).await;
+    wait_until_gone(&secrets, "claimed-asec-3", Duration::from_secs(30)).await;
+
+    // Well past the grace period, the adopted Secret and the user's own Secret remain, and
+    // the pods are untouched.
+    tokio::time::sleep(GRACE * 2).await;
+    let adopted = secrets.get("sandbox-alice-asec-2").await.unwrap();
+    assert!(
+        adopted
+            .owner_references()
+            .iter()
+            .any(|r| Some(&r.uid) == alice_pod.uid().as_ref()),
+        "{}",
+        describe_secret(Some(&adopted))
+    );
+    assert!(adopted.metadata.deletion_timestamp.is_none());
+    let own_now = secrets.get("alice-own").await.unwrap();
+    assert_eq!(
+        own_now.metadata.resource_version,
+        own.metadata.resource_version
+    );
+    for pod in [&alice_pod, &mallory_pod] {
+        let now = pods.get(&pod.name_any()).await.unwrap();
+        assert_eq!(now.uid(), pod.uid());
+        assert!(now.metadata.deletion_timestamp.is_none());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Leader election
+
+const LEASE_DURATION: Duration = Duration::from_secs(4);
+
+struct Replica {
+    identity: String,
+    leader: watch::Receiver<bool>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), LeaseError>>,
+}
+
+impl Replica {
+    fn start(leases: &Api<Lease>, guard: &Guard, identity: &str) -> Self {
+        let elector = Elector {
+            api: leases.clone(),
+            name: "agent-secrets-controller".into(),
+            identity: identity.into(),
+            duration: LEASE_DURATION,
+        };
+        let (leader_tx, leader) = watch::channel(false);
+        let stop = guard.stop.child_token();
+        let task = tokio::spawn(elector.run(leader_tx, stop.clone()));
+        Self {
+            identity: identity.into(),
+            leader,
+            stop,
+            task,
+        }
+    }
+
+    fn leads(&self) -> bool {
+        *self.leader.borrow()
+    }
+}
+
+async fn lease_spec(leases: &Api<Lease>) -> k8s_openapi::api::coordination::v1::LeaseSpec {
+    leases
+        .get("agent-secrets-controller")
+        .await
+        .unwrap()
+        .spec
+        .unwrap_or_default()
+}
+
+fn describe_replicas(replicas: &[&Replica]) -> String {
+    replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{} leads={} finished={}",
+                r.identity,
+                r.leads(),
+                r.task.is_finished()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn time_of(time: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>) -> Timestamp {
+    time.unwrap_or_else(|| panic!("the Lease has no time set"))
+        .0
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn two_replicas_elect_one_leader_and_fail_over() {
+    let client = client().await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease_duration = SignedDuration::try_from(LEASE_DURATION).unwrap();
+
+    let a = Replica::start(&leases, &guard, "replica-a");
+    let b = Replica::start(&leases, &guard, "replica-b");
+    let first = eventually("one replica leads", Duration::from_secs(15), || {
+        let state = describe_replicas(&[&a, &b]);
+        let result = match (a.leads(), b.leads()) {
+            (true, true) => panic!("two leaders: {state}"),
+            (false, false) => Err(state),
+            (true, false) => Ok("replica-a"),
+            (false, true) => Ok("replica-b"),
+        };
+        async move { result }
+    })
+    .await;
+    let (leader, follower) = if first == "replica-a" { (a, b) } else { (b, a) };
+
+    // Leadership holds over several lease durations: the leader renews, the follower waits.
+    let hold_until = Instant::now() + LEASE_DURATION * 2;
+    while Instant::now() < hold_until {
+        assert!(
+            leader.leads() && !follower.leads(),
+            "{}",
+            describe_replicas(&[&leader, &follower])
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let spec = lease_spec(&leases).await;
+    assert_eq!(
+        spec.holder_identity.as_deref(),
+        Some(leader.identity.as_str())
+    );
+    assert_eq!(spec.lease_duration_seconds, Some(4));
+
+    // The leader crashes: its task is gone without releasing the Lease. The follower takes
+    // over once the Lease expires, not before.
+    leader.task.abort();
+    let crashed = Instant::now();
+    assert!(leader.task.await.unwrap_err().is_cancelled());
+    // Let a renewal that was already on the wire land before reading the last one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spec = lease_spec(&leases).await;
+    assert_eq!(
+        spec.holder_identity.as_deref(),
+        Some(leader.identity.as_str()),
+        "a crashed leader releases nothing"
+    );
+    let last_renewal = time_of(spec.renew_time.as_ref());
+    eventually(
+        "the follower takes over from the crashed leader",
+        LEASE_DURATION + Duration::from_secs(4),
+        || {
+            let result = if follower.leads() {
+                Ok(())
+            } else {
+                Err(describe_replicas(&[&follower]))
+            };
+            async move { result }
+        },
+    )
+    .await;
+    eprintln!("took over from a crashed leader in {:?}", crashed.elapsed());
+    let spec = lease_spec(&leases).await;
+    assert_eq!(
+        spec.holder_identity.as_deref(),
+        Some(follower.identity.as_str())
+    );
+    let acquired = time_of(spec.acquire_time.as_ref());
+    assert!(
+        acquired >= last_renewal + lease_duration,
+        "taken over at {acquired}, before the crashed leader's Lease (renewed {last_renewal}) expired"
+    );
+    assert_eq!(spec.lease_transitions, Some(1));
+
+    // A third replica waits; the new leader stops gracefully and releases the Lease, so the
+    // third takes over at once rather than when the Lease would have expired.
+    let third = Replica::start(&leases, &guard, "replica-c");
+    tokio::time::sleep(LEASE_DURATION / 2).await;
+    assert!(
+        follower.leads() && !third.leads(),
+        "{}",
+        describe_replicas(&[&follower, &third])
+    );
+    let renewed_before_stop = time_of(lease_spec(&leases).await.renew_time.as_ref());
+    follower.stop.cancel();
+    let stopped = Instant::now();
+    follower
+        .task
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a graceful stop ends leader election cleanly: {e}"));
+    assert!(!*follower.leader.borrow(), "leadership given up on stop");
+    eventually(
+        "the third replica takes over from the released Lease",
+        LEASE_DURATION,
+        || {
+            let result = if third.leads() {
+                Ok(())
+            } else {
+                Err(describe_replicas(&[&third]))
+            };
+            async move { result }
+        },
+    )
+    .await;
+    let handover = stopped.elapsed();
+    eprintln!("took over a released Lease in {handover:?}");
+    let spec = lease_spec(&leases).await;
+    assert_eq!(spec.holder_identity.as_deref(), Some("replica-c"));
+    let acquired = time_of(spec.acquire_time.as_ref());
+    // The stopped leader renewed at `renewed_before_stop` or later, so its Lease would not
+    // have expired before this: the takeover came from the release.
+    assert!(
+        acquired < renewed_before_stop + lease_duration,
+        "taken over at {acquired}, not before the Lease (renewed {renewed_before_stop}) expired"
+    );
+    assert!(handover < LEASE_DURATION, "{handover:?}");
+    assert_eq!(spec.lease_transitions, Some(2));
+}
+
+// ---------------------------------------------------------------------------------------
+// Stray plaintext
+
+/// The controller seals plaintext that slipped past the webhook (unit and mock tests cover
+/// that path), but with this CRD nothing can store plaintext in the first place, the
+/// controller's own field manager included; so here the refusal is what is checked.
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn the_crd_refuses_plaintext_even_from_the_controllers_field_manager() {
+    let client = client().await;
+    install_crd(&client).await;
+    assert_no_foreign_agentsecret_webhook(&client).await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    let api: Api<AgentSecret> = Api::namespaced(client.clone(), &ns);
+    let value = unique("cluster-canary-controller-plaintext");
+    let as_controller = PostParams {
+        dry_run: false,
+        field_manager: Some(CONTROLLER_FIELD_MANAGER.into()),
+    };
+    let refused = |status: Box<kube::core::Status>| {
+        assert_eq!(status.code, 422, "{status:?}");
+        assert!(
+            status.message.contains("must never be stored in plaintext"),
+            "{}",
+            status.message
+        );
+        assert!(!status.message.contains(&value), "{}", status.message);
+    };
+
+    let plaintext = with_value(agentsecret(&ns, "stray", "alice", "X_BEARER_TOKEN"), &value);
+    refused(api_error(api.create(&as_controller, &plaintext).await));
+    refused(api_error(
+        api.create(&as_controller, &with_sealed(plaintext.clone()))
+            .await,
+    ));
+    refused(api_error(
+        api.patch(
+            "stray",
+            &PatchParams::apply(CONTROLLER_FIELD_MANAGER).force(),
+            &Patch::Apply(&plaintext),
+        )
+        .await,
+    ));
+    assert!(api.get_opt("stray").await.unwrap().is_none());
+
+    // Adding a value to a stored sealed object, by merge patch and by apply.
+    let sealed = with_sealed(agentsecret(&ns, "sealed", "alice", "X_BEARER_TOKEN"));
+    api.create(&as_controller, &sealed).await.unwrap();
+    refused(api_error(
+        api.patch(
+            "sealed",
+            &PatchParams {
+                field_manager: Some(CONTROLLER_FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(json!({"spec": {"value": value}})),
+        )
+        .await,
+    ));
+    refused(api_error(
+        api.patch(
+            "sealed",
+            &PatchParams::apply(CONTROLLER_FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "agentsecrets.io/v1alpha1", "kind": "AgentSecret",
+                "metadata": {"name": "sealed"},
+                "spec": {"owner": "alice", "envName": "X_BEARER_TOKEN", "value": value}
+            })),
+        )
+        .await,
+    ));
+    let stored = serde_json::to_string(&api.get("sealed").await.unwrap()).unwrap();
+    assert!(!stored.contains(&value), "{stored}");
+}
