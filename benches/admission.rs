@@ -5,10 +5,9 @@
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SecretString};
 use agent_secrets::cache::{SecretIndex, synthetic};
 use agent_secrets::crypto::{Keyring, SealContext};
+use agent_secrets::webhook::review::{PodView, Request, Review};
 use agent_secrets::webhook::{Policy, agentsecret, pod};
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
-use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use serde_json::json;
 
 const CTX: SealContext<'static> = SealContext {
@@ -64,7 +63,7 @@ fn index(keyring: &Keyring) -> SecretIndex {
     index
 }
 
-fn pod_request(owner: &str) -> AdmissionRequest<Pod> {
+fn pod_request(owner: &str) -> Request<PodView> {
     let review = json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
@@ -85,8 +84,21 @@ fn pod_request(owner: &str) -> AdmissionRequest<Pod> {
             "dryRun": false
         }
     });
-    let review: AdmissionReview<Pod> = serde_json::from_value(review).unwrap();
-    review.try_into().unwrap()
+    let review: Review<PodView> = serde_json::from_value(review).unwrap();
+    review.request.unwrap()
+}
+
+/// The pod review a real API server sent (tests/fixtures), for owner `user-42` in `bench`.
+fn recorded_pod_review() -> Vec<u8> {
+    let fixture: serde_json::Value = serde_json::from_str(include_str!(
+        "../tests/fixtures/admission/pod_create_by_service_account.json"
+    ))
+    .unwrap();
+    let mut review = fixture["review"].clone();
+    review["request"]["namespace"] = json!("bench");
+    review["request"]["object"]["metadata"]["namespace"] = json!("bench");
+    review["request"]["object"]["metadata"]["labels"]["agentsecrets.io/owner"] = json!("user-42");
+    serde_json::to_vec(&review).unwrap()
 }
 
 fn admission(c: &mut Criterion) {
@@ -113,6 +125,22 @@ fn admission(c: &mut Criterion) {
     }
     group.finish();
 
+    // What a request costs in-process: read the recorded 3 kB review, decide, encode the patch.
+    let body = recorded_pod_review();
+    c.bench_function("pod_review/parse+mutate+encode/20", |b| {
+        b.iter(|| {
+            let review: Review<PodView> = serde_json::from_slice(black_box(&body)).unwrap();
+            let request = review.request.unwrap();
+            match pod::mutate(&request, Some(&keyring), &index, &policy, "sandbox-asec-x") {
+                pod::Decision::Inject(injection) => {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD.encode(&injection.patch)
+                }
+                other => panic!("{other:?}"),
+            }
+        })
+    });
+
     let mut object = AgentSecret::new(
         "user-0-new",
         AgentSecretSpec {
@@ -136,8 +164,8 @@ fn admission(c: &mut Criterion) {
             "userInfo": {"username": "alice"}, "object": object, "dryRun": false
         }
     });
-    let review: AdmissionReview<AgentSecret> = serde_json::from_value(review).unwrap();
-    let request: AdmissionRequest<AgentSecret> = review.try_into().unwrap();
+    let review: Review<AgentSecret> = serde_json::from_value(review).unwrap();
+    let request: Request<AgentSecret> = review.request.unwrap();
     c.bench_function("agentsecret_mutation/seal", |b| {
         b.iter(|| {
             let decision =

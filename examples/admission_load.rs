@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Options {
+    /// RUST_LOG of the server under test.
+    log: String,
     connections: usize,
     duration: Duration,
     rounds: usize,
@@ -32,6 +34,7 @@ struct Options {
 
 fn options() -> Options {
     let mut options = Options {
+        log: "info".into(),
         connections: 64,
         duration: Duration::from_secs(8),
         rounds: 3,
@@ -45,6 +48,7 @@ fn options() -> Options {
             "--connections" => options.connections = value.parse().unwrap(),
             "--seconds" => options.duration = Duration::from_secs(value.parse().unwrap()),
             "--rounds" => options.rounds = value.parse().unwrap(),
+            "--log" => options.log = value,
             "--quick" => {
                 options.quick = true;
                 options.duration = Duration::from_secs(2);
@@ -58,7 +62,7 @@ fn options() -> Options {
             }
             "-h" | "--help" => {
                 println!(
-                    "admission_load [--connections 64] [--seconds 8] [--rounds 3] [--quick]\n\
+                    "admission_load [--connections 64] [--seconds 8] [--rounds 3] [--log info] [--quick]\n\
                      Needs target/release/agentsecrets (cargo build --release)."
                 );
                 std::process::exit(0);
@@ -72,7 +76,10 @@ fn options() -> Options {
 
 /// The baseline server: axum + rustls answering a constant allowed review.
 fn serve_baseline(addr: &str, cert: &str, key: &str) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.unwrap();
@@ -91,7 +98,11 @@ fn serve_baseline(addr: &str, cert: &str, key: &str) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Server {
@@ -107,9 +118,27 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// CPU time (user + system) the server process has used so far.
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // The kernel reports in clock ticks, 100 per second on Linux.
+        Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    }
+
     /// Resident and peak resident memory in MiB, from /proc.
     fn rss_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -153,7 +182,11 @@ fn release_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/release/examples/admission_load -> target/release/agentsecrets
     let bin = exe.parent().unwrap().parent().unwrap().join("agentsecrets");
-    assert!(bin.exists(), "{} is missing: run `cargo build --release` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release` first",
+        bin.display()
+    );
     bin
 }
 
@@ -162,7 +195,9 @@ async fn wait_ready(admin: SocketAddr) {
     while Instant::now() < deadline {
         if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+            let _ = stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await;
             let mut response = String::new();
             let _ = stream.read_to_string(&mut response).await;
             if response.starts_with("HTTP/1.1 200") {
@@ -184,7 +219,7 @@ async fn wait_listening(addr: SocketAddr) {
     panic!("nothing listens on {addr}");
 }
 
-async fn start_ours(files: &Files, owners: usize, per_owner: usize) -> Server {
+async fn start_ours(files: &Files, owners: usize, per_owner: usize, log: &str) -> Server {
     let port = free_port();
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let child = Command::new(release_binary())
@@ -203,8 +238,8 @@ async fn start_ours(files: &Files, owners: usize, per_owner: usize) -> Server {
             "--keyring",
             files.keyring.to_str().unwrap(),
         ])
-        // Production logging (the audit line per injection included), to a sink.
-        .env("RUST_LOG", "info")
+        // Production logging is `info` (an audit line per injected pod), here to a sink.
+        .env("RUST_LOG", log)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -258,6 +293,8 @@ fn pod_bodies(owners: usize, dry_run: bool) -> Vec<Bytes> {
 }
 
 struct LoadResult {
+    /// Server CPU time per answered request, in µs.
+    server_cpu_us: f64,
     requests: usize,
     errors: usize,
     seconds: f64,
@@ -278,10 +315,48 @@ impl LoadResult {
     }
 }
 
-async fn load(addr: SocketAddr, ca_der: &[u8], path: &'static str, bodies: Arc<Vec<Bytes>>, connections: usize, duration: Duration, check_patch: bool) -> LoadResult {
+async fn load_measured(
+    server: &Server,
+    ca_der: &[u8],
+    bodies: Arc<Vec<Bytes>>,
+    connections: usize,
+    duration: Duration,
+    check_patch: bool,
+) -> LoadResult {
+    let before = server.cpu();
+    let mut result = load(
+        server.addr,
+        ca_der,
+        "/mutate/pods",
+        bodies,
+        connections,
+        duration,
+        check_patch,
+    )
+    .await;
+    let used = server.cpu().saturating_sub(before);
+    result.server_cpu_us = used.as_secs_f64() * 1e6 / result.requests.max(1) as f64;
+    result
+}
+
+async fn load(
+    addr: SocketAddr,
+    ca_der: &[u8],
+    path: &'static str,
+    bodies: Arc<Vec<Bytes>>,
+    connections: usize,
+    duration: Duration,
+    check_patch: bool,
+) -> LoadResult {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(ca_der.to_vec())).unwrap();
-    let config = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der.to_vec()))
+        .unwrap();
+    let config = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
@@ -293,10 +368,15 @@ async fn load(addr: SocketAddr, ca_der: &[u8], path: &'static str, bodies: Arc<V
             let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
             tcp.set_nodelay(true).unwrap();
             let tls = connector
-                .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
                 .await
                 .unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
             tokio::spawn(conn);
             let mut latencies = Vec::with_capacity(65_536);
             let mut errors = 0usize;
@@ -334,7 +414,13 @@ async fn load(addr: SocketAddr, ca_der: &[u8], path: &'static str, bodies: Arc<V
             (latencies, errors)
         }));
     }
-    let mut result = LoadResult { requests: 0, errors: 0, seconds: 0.0, latencies_us: Vec::new() };
+    let mut result = LoadResult {
+        server_cpu_us: f64::NAN,
+        requests: 0,
+        errors: 0,
+        seconds: 0.0,
+        latencies_us: Vec::new(),
+    };
     for task in tasks {
         let (latencies, errors) = task.await.unwrap();
         result.requests += latencies.len();
@@ -359,7 +445,11 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// CPU time of this thread, from /proc (nanosecond resolution).
 fn thread_cpu() -> Duration {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-    let nanos = text.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    let nanos = text
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
     Duration::from_nanos(nanos)
 }
 
@@ -367,7 +457,10 @@ fn rotation_cost(count: usize) -> (Duration, Duration) {
     let mut keyring = Keyring::generate("old").unwrap();
     let secrets = synthetic(&keyring, "bench", count / 20, 20).unwrap();
     keyring.add_primary("new").unwrap();
-    let envelopes: Vec<_> = secrets.into_iter().filter_map(|s| s.sealed.and_then(Result::ok)).collect();
+    let envelopes: Vec<_> = secrets
+        .into_iter()
+        .filter_map(|s| s.sealed.and_then(Result::ok))
+        .collect();
     let cpu = thread_cpu();
     let wall = Instant::now();
     let mut rewrapped = 0;
@@ -382,7 +475,10 @@ fn rotation_cost(count: usize) -> (Duration, Duration) {
 fn main() {
     let options = options();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(run(options));
 }
 
@@ -390,13 +486,17 @@ async fn run(options: Options) {
     let files = files();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("# agent-secrets admission benchmark");
-    println!("machine: {cores} cores; client and servers share them; {} connections, {} s per run, {} round(s)\n",
-        options.connections, options.duration.as_secs(), options.rounds);
+    println!(
+        "machine: {cores} cores; client and servers share them; {} connections, {} s per run, {} round(s)\n",
+        options.connections,
+        options.duration.as_secs(),
+        options.rounds
+    );
 
     // Memory, idle, at 10 000 and 100 000 cached AgentSecrets.
     let mut memory = Vec::new();
     for (owners, per_owner) in [(500usize, 20usize), (5_000, 20)] {
-        let server = start_ours(&files, owners, per_owner).await;
+        let server = start_ours(&files, owners, per_owner, &options.log).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         memory.push((owners * per_owner, server.rss_mib(), server));
     }
@@ -411,45 +511,123 @@ async fn run(options: Options) {
     let mut throughput_ratios = Vec::new();
     let mut p99_ratios = Vec::new();
     for round in 0..options.rounds {
-        let base = load(baseline.addr, &files.ca_der, "/mutate/pods", dry.clone(), options.connections, options.duration, false).await;
-        let pure = load(ours.addr, &files.ca_der, "/mutate/pods", dry.clone(), options.connections, options.duration, true).await;
+        let base = load_measured(
+            &baseline,
+            &files.ca_der,
+            dry.clone(),
+            options.connections,
+            options.duration,
+            false,
+        )
+        .await;
+        let pure = load_measured(
+            &ours,
+            &files.ca_der,
+            dry.clone(),
+            options.connections,
+            options.duration,
+            true,
+        )
+        .await;
         throughput_ratios.push(pure.rps() / base.rps());
         p99_ratios.push(pure.percentile_ms(0.99) / base.percentile_ms(0.99));
-        let with_secret = load(ours.addr, &files.ca_der, "/mutate/pods", create.clone(), options.connections, options.duration, true).await;
+        let with_secret = load_measured(
+            &ours,
+            &files.ca_der,
+            create.clone(),
+            options.connections,
+            options.duration,
+            true,
+        )
+        .await;
         rows.push((round, "baseline (constant allowed)", base));
         rows.push((round, "ours: pod admission, dryRun", pure));
         rows.push((round, "ours: pod admission + Secret (stub)", with_secret));
     }
-    let single_base = load(baseline.addr, &files.ca_der, "/mutate/pods", dry.clone(), 1, options.duration, false).await;
-    let single_ours = load(ours.addr, &files.ca_der, "/mutate/pods", dry.clone(), 1, options.duration, true).await;
+    let single_base = load_measured(
+        &baseline,
+        &files.ca_der,
+        dry.clone(),
+        1,
+        options.duration,
+        false,
+    )
+    .await;
+    let single_ours =
+        load_measured(&ours, &files.ca_der, dry.clone(), 1, options.duration, true).await;
     let loaded = ours.rss_mib();
     // The 10 000-secret server under the same load, for its peak.
-    let _ = load(small_server.addr, &files.ca_der, "/mutate/pods", Arc::new(pod_bodies(500, true)), options.connections, options.duration, true).await;
+    let _ = load(
+        small_server.addr,
+        &files.ca_der,
+        "/mutate/pods",
+        Arc::new(pod_bodies(500, true)),
+        options.connections,
+        options.duration,
+        true,
+    )
+    .await;
     let small_loaded = small_server.rss_mib();
 
-    println!("| round | server | conns | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| round | server | conns | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | server CPU µs/req |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (round, name, r) in &rows {
-        println!("| {} | {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-            round + 1, options.connections, r.rps(), r.percentile_ms(0.5), r.percentile_ms(0.9),
-            r.percentile_ms(0.99), r.percentile_ms(0.999), r.errors);
+        println!(
+            "| {} | {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} |",
+            round + 1,
+            options.connections,
+            r.rps(),
+            r.percentile_ms(0.5),
+            r.percentile_ms(0.9),
+            r.percentile_ms(0.99),
+            r.percentile_ms(0.999),
+            r.errors,
+            r.server_cpu_us
+        );
     }
-    for (name, r) in [("baseline (constant allowed)", &single_base), ("ours: pod admission, dryRun", &single_ours)] {
-        println!("| - | {name} | 1 | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
-            r.rps(), r.percentile_ms(0.5), r.percentile_ms(0.9), r.percentile_ms(0.99), r.percentile_ms(0.999), r.errors);
+    for (name, r) in [
+        ("baseline (constant allowed)", &single_base),
+        ("ours: pod admission, dryRun", &single_ours),
+    ] {
+        println!(
+            "| - | {name} | 1 | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.0} |",
+            r.rps(),
+            r.percentile_ms(0.5),
+            r.percentile_ms(0.9),
+            r.percentile_ms(0.99),
+            r.percentile_ms(0.999),
+            r.errors,
+            r.server_cpu_us
+        );
     }
-    println!("\nours/baseline at {} connections (median of pairwise ratios): throughput {:.2}x, p99 {:.2}x",
-        options.connections, median(throughput_ratios), median(p99_ratios));
-    println!("ours/baseline at 1 connection: throughput {:.2}x", single_ours.rps() / single_base.rps());
+    println!(
+        "\nours/baseline at {} connections (median of pairwise ratios): throughput {:.2}x, p99 {:.2}x",
+        options.connections,
+        median(throughput_ratios),
+        median(p99_ratios)
+    );
+    println!(
+        "ours/baseline at 1 connection: throughput {:.2}x",
+        single_ours.rps() / single_base.rps()
+    );
 
     println!("\n| AgentSecrets cached | RSS idle MiB | peak RSS under load MiB |");
     println!("|---|---|---|");
-    println!("| {small_count} | {:.1} | {:.1} |", small_idle.0, small_loaded.1);
+    println!(
+        "| {small_count} | {:.1} | {:.1} |",
+        small_idle.0, small_loaded.1
+    );
     println!("| {} | {:.1} | {:.1} |", 100_000, big_idle.0, loaded.1);
 
     let count = if options.quick { 10_000 } else { 100_000 };
     let (cpu, wall) = rotation_cost(count);
-    println!("\nre-wrapping {count} data keys (no API writes): {:.3} s CPU ({:.3} s wall)", cpu.as_secs_f64(), wall.as_secs_f64());
+    println!(
+        "\nre-wrapping {count} data keys (no API writes): {:.3} s CPU ({:.3} s wall)",
+        cpu.as_secs_f64(),
+        wall.as_secs_f64()
+    );
     drop(baseline);
     drop(ours);
     drop(small_server);

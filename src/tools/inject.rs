@@ -3,9 +3,7 @@
 //! pod: references only, never values.
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
-use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use serde::Deserialize as _;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -15,6 +13,7 @@ use crate::cache::{CachedSecret, SecretIndex};
 use crate::crypto::{Keyring, SealContext};
 use crate::webhook::Policy;
 use crate::webhook::pod::{self, Decision};
+use crate::webhook::review::{PodView, Request, Review};
 
 /// What the preview produced.
 #[derive(Debug)]
@@ -115,29 +114,29 @@ pub fn preview(
             "namespace": namespace,
             "operation": "CREATE",
             "userInfo": {"username": requester},
-            "object": pod,
+            "object": &pod,
             "dryRun": true,
         }
     });
-    let review: AdmissionReview<Pod> = serde_json::from_value(review)
-        .map_err(|_| anyhow::anyhow!("the manifest is not a valid Pod"))?;
-    let request: AdmissionRequest<Pod> = review
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("failed to build the admission request"))?;
+    let request: Request<PodView> = serde_json::from_value::<Review<PodView>>(review)
+        .ok()
+        .and_then(|review| review.request)
+        .ok_or_else(|| anyhow::anyhow!("the manifest is not a valid Pod"))?;
     let index = SecretIndex::default();
     index.replace_all(secrets.iter().filter_map(CachedSecret::from_object));
-    let hint = request.object.as_ref().map(pod::pod_hint).unwrap_or("pod");
+    let hint = request.object.as_ref().map_or("pod", pod::pod_hint);
     let secret_name = pod::new_secret_name(hint);
-    let mut object = serde_json::to_value(request.object.as_ref())?;
+    // The patch applies to the manifest as written, every field kept.
+    let mut object = pod;
     let summary = match pod::mutate(&request, Some(keyring), &index, policy, &secret_name) {
         Decision::Allow => {
             "admitted unchanged: not a labelled pod, or its owner has no secrets here".to_owned()
         }
         Decision::Deny(message) => bail!("admission would deny this pod: {message}"),
         Decision::Inject(injection) => {
-            // The pod as parsed, with the webhook's patch applied. Fields are those the pod
-            // manifest had (unknown ones are not kept by the typed parse).
-            json_patch::patch(&mut object, &injection.patch)
+            let patch: json_patch::Patch = serde_json::from_slice(&injection.patch)
+                .context("failed to read the admission patch")?;
+            json_patch::patch(&mut object, &patch)
                 .context("failed to apply the admission patch")?;
             let mut lines = vec![format!(
                 "injected for owner {:?}: {}",

@@ -1,7 +1,6 @@
 //! AgentSecret CREATE/UPDATE: seal `spec.value` before the API server stores it.
 
 use kube::ResourceExt as _;
-use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::Value;
 
 use crate::api::{AgentSecret, LAST_APPLIED_ANNOTATION, SealedValue, validate_env_name};
@@ -10,6 +9,7 @@ use crate::crypto::{Keyring, SealContext};
 
 use super::Policy;
 use super::patch::{add, remove, replace};
+use super::review::{Operation, Request};
 
 /// What to do with an AgentSecret write.
 #[derive(Debug, PartialEq)]
@@ -51,7 +51,7 @@ impl Action {
 
 /// Decide what to do with an AgentSecret admission request.
 pub fn mutate(
-    request: &AdmissionRequest<AgentSecret>,
+    request: &Request<AgentSecret>,
     keyring: Option<&Keyring>,
     index: &SecretIndex,
     policy: &Policy,

@@ -7,9 +7,10 @@
 pub mod agentsecret;
 pub mod patch;
 pub mod pod;
+pub mod review;
 pub mod server;
 
-use kube::core::admission::AdmissionRequest;
+use k8s_openapi::api::authentication::v1::UserInfo;
 use std::collections::BTreeSet;
 
 /// Who may create sandbox pods, and what is never touched.
@@ -44,8 +45,7 @@ impl Principal {
         }
     }
 
-    fn matches<T: kube::Resource>(&self, request: &AdmissionRequest<T>) -> bool {
-        let user = &request.user_info;
+    fn matches(&self, user: &UserInfo) -> bool {
         match self {
             Self::User(name) => user.username.as_deref() == Some(name.as_str()),
             Self::Group(group) => user.groups.iter().flatten().any(|g| g == group),
@@ -64,15 +64,10 @@ impl std::fmt::Display for Principal {
 
 impl Policy {
     /// Whether `request`'s user may create sandbox pods.
-    pub fn allows_requester<T: kube::Resource>(&self, request: &AdmissionRequest<T>) -> bool {
+    pub fn allows_requester(&self, user: &UserInfo) -> bool {
         self.allowed_principals.is_empty()
-            || self.allowed_principals.iter().any(|p| p.matches(request))
+            || self.allowed_principals.iter().any(|p| p.matches(user))
     }
-}
-
-/// The requester's username, for messages and audit lines.
-pub fn requester<T: kube::Resource>(request: &AdmissionRequest<T>) -> &str {
-    request.user_info.username.as_deref().unwrap_or("<unknown>")
 }
 
 #[cfg(test)]

@@ -2,10 +2,8 @@
 //! a pod-scoped Secret, never as plaintext in the pod spec.
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
-use kube::core::admission::{AdmissionRequest, Operation};
-use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -19,7 +17,8 @@ use crate::cache::{CachedSecret, SecretIndex};
 use crate::crypto::{Keyring, Plaintext, SealContext};
 
 use super::Policy;
-use super::patch::{add, replace, set_annotations};
+use super::patch::{PatchWriter, write_annotations, write_str};
+use super::review::{ContainerView, Operation, PodView, Request};
 
 /// What to do with a pod.
 #[derive(Debug)]
@@ -35,7 +34,8 @@ pub enum Decision {
 /// The mutation of one pod.
 #[derive(Debug)]
 pub struct Injection {
-    pub patch: json_patch::Patch,
+    /// The JSON patch (RFC 6902), serialised.
+    pub patch: Vec<u8>,
     /// The Secret to create first; `None` when every secret was already set by the pod spec.
     pub secret: Option<PodSecret>,
     pub owner: String,
@@ -146,7 +146,7 @@ fn random_suffix() -> String {
 }
 
 /// The pod's name, or its `generateName` prefix, or `<unnamed>`.
-pub fn pod_hint(pod: &Pod) -> &str {
+pub fn pod_hint(pod: &PodView) -> &str {
     pod.metadata
         .name
         .as_deref()
@@ -159,7 +159,7 @@ pub fn pod_hint(pod: &Pod) -> &str {
 /// `secret_name` names the pod-scoped Secret should one be needed (the caller draws it, so
 /// this stays deterministic).
 pub fn mutate(
-    request: &AdmissionRequest<Pod>,
+    request: &Request<PodView>,
     keyring: Option<&Keyring>,
     index: &SecretIndex,
     policy: &Policy,
@@ -188,7 +188,7 @@ pub fn mutate(
     if policy.excluded_namespaces.contains(namespace) {
         return Decision::Allow;
     }
-    if !policy.allows_requester(request) {
+    if !policy.allows_requester(&request.user_info) {
         let allowed: Vec<String> = policy
             .allowed_principals
             .iter()
@@ -197,7 +197,7 @@ pub fn mutate(
         return Decision::Deny(format!(
             "pods labelled {OWNER_LABEL} may only be created by {}; {} is not one of them",
             allowed.join(", "),
-            super::requester(request)
+            request.requester()
         ));
     }
     if owner.is_empty() {
@@ -242,9 +242,10 @@ pub fn mutate(
         );
     };
     let ctx = SealContext::new(namespace, owner);
-    let mut values = BTreeMap::new();
+    // Sorted by env name (the map's order), so patches and annotations are deterministic.
+    let mut opened: Vec<(&str, Plaintext)> = Vec::with_capacity(by_env.len());
     for (env_name, secret) in &by_env {
-        let opened = match &secret.sealed {
+        let result = match &secret.sealed {
             None => Err(format!(
                 "AgentSecret {:?} ({env_name}) has not been sealed yet",
                 secret.name
@@ -254,10 +255,8 @@ pub fn mutate(
                 .open_envelope(envelope, ctx)
                 .map_err(|e| format!("AgentSecret {:?} ({env_name}): {e}", secret.name)),
         };
-        match opened {
-            Ok(plain) => {
-                values.insert((*env_name).to_owned(), plain);
-            }
+        match result {
+            Ok(plain) => opened.push((env_name, plain)),
             Err(reason) => {
                 return Decision::Deny(format!(
                     "the sandbox's secrets cannot be opened, so it must not start without them: {reason}"
@@ -266,11 +265,16 @@ pub fn mutate(
         }
     }
 
+    let names: Vec<&str> = opened.iter().map(|(name, _)| *name).collect();
     let include_init = annotation(INIT_CONTAINERS_ANNOTATION) == Some("true");
-    let previous_secret = annotation(SECRET_NAME_ANNOTATION);
+    let injection = Injector {
+        names: &names,
+        secret_name,
+        previous_secret: annotation(SECRET_NAME_ANNOTATION),
+    };
     let spec = pod.spec.as_ref();
-    let mut ops = Vec::new();
-    let mut injected = BTreeSet::new();
+    let mut writer = PatchWriter::default();
+    let mut injected = vec![false; names.len()];
     let mut skipped = Vec::new();
     let mut groups = vec![(
         "containers",
@@ -285,21 +289,23 @@ pub fn mutate(
     }
     for (field, containers) in groups {
         for (i, container) in containers.iter().enumerate() {
-            inject_container(
-                &mut ops,
+            injection.container(
+                &mut writer,
                 field,
                 i,
                 container,
-                values.keys(),
-                secret_name,
-                previous_secret,
                 &mut injected,
                 &mut skipped,
             );
         }
     }
-    values.retain(|name, _| injected.contains(name));
-    let injected: Vec<String> = injected.into_iter().collect();
+    let values: BTreeMap<String, Plaintext> = opened
+        .into_iter()
+        .zip(&injected)
+        .filter(|(_, injected)| **injected)
+        .map(|((name, plain), _)| (name.to_owned(), plain))
+        .collect();
+    let injected: Vec<String> = values.keys().cloned().collect();
 
     let mut entries = vec![
         (INJECTED_ANNOTATION, injected.join(",")),
@@ -318,9 +324,9 @@ pub fn mutate(
             values,
         })
     };
-    ops.extend(set_annotations(annotations, &entries));
+    write_annotations(&mut writer, annotations, &entries);
     Decision::Inject(Box::new(Injection {
-        patch: json_patch::Patch(ops),
+        patch: writer.finish(),
         secret,
         owner: owner.clone(),
         injected,
@@ -346,63 +352,88 @@ fn unique_by_env_name<'a>(
     Ok(by_env)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn inject_container<'a>(
-    ops: &mut Vec<json_patch::PatchOperation>,
-    field: &str,
-    index: usize,
-    container: &Container,
-    names: impl Iterator<Item = &'a String>,
-    secret_name: &str,
-    previous_secret: Option<&str>,
-    injected: &mut BTreeSet<String>,
-    skipped: &mut Vec<String>,
-) {
-    let i = index.to_string();
-    let reference = |name: &str| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": name}}});
-    let Some(env) = container.env.as_ref() else {
-        let entries: Vec<Value> = names
-            .map(|name| {
-                injected.insert(name.clone());
-                reference(name)
-            })
-            .collect();
-        ops.push(add(&["spec", field, &i, "env"], Value::Array(entries)));
-        return;
-    };
-    for name in names {
-        let existing = env.iter().position(|e| e.name == *name);
-        match existing {
-            None => {
-                ops.push(add(&["spec", field, &i, "env", "-"], reference(name)));
-                injected.insert(name.clone());
-            }
-            Some(j) => {
-                // Our own entry from an earlier invocation (reinvocation after another
-                // webhook changed the pod): point it at this invocation's Secret.
-                let ours = env[j]
-                    .value_from
-                    .as_ref()
-                    .and_then(|v| v.secret_key_ref.as_ref())
-                    .is_some_and(|r| Some(r.name.as_str()) == previous_secret && r.key == *name);
-                if ours {
-                    let j = j.to_string();
-                    ops.push(replace(
-                        &[
-                            "spec",
-                            field,
-                            &i,
-                            "env",
-                            &j,
-                            "valueFrom",
-                            "secretKeyRef",
-                            "name",
-                        ],
-                        Value::String(secret_name.to_owned()),
-                    ));
-                    injected.insert(name.clone());
-                } else {
-                    skipped.push(format!("{}/{name}", container.name));
+/// Writes the env entries of one pod's injection.
+struct Injector<'a> {
+    /// Env names to inject, sorted.
+    names: &'a [&'a str],
+    secret_name: &'a str,
+    /// The Secret an earlier invocation of this webhook named in the pod's annotation.
+    previous_secret: Option<&'a str>,
+}
+
+impl Injector<'_> {
+    /// `{"name": N, "valueFrom": {"secretKeyRef": {"name": <secret>, "key": N}}}`
+    fn reference(&self, buf: &mut Vec<u8>, name: &str) {
+        buf.extend_from_slice(b"{\"name\":");
+        write_str(buf, name);
+        buf.extend_from_slice(b",\"valueFrom\":{\"secretKeyRef\":{\"name\":");
+        write_str(buf, self.secret_name);
+        buf.extend_from_slice(b",\"key\":");
+        write_str(buf, name);
+        buf.extend_from_slice(b"}}}");
+    }
+
+    fn container(
+        &self,
+        writer: &mut PatchWriter,
+        field: &str,
+        index: usize,
+        container: &ContainerView,
+        injected: &mut [bool],
+        skipped: &mut Vec<String>,
+    ) {
+        let i = index.to_string();
+        let Some(env) = container.env.as_ref() else {
+            writer.op("add", &["spec", field, &i, "env"], |buf| {
+                buf.push(b'[');
+                for (n, name) in self.names.iter().enumerate() {
+                    if n > 0 {
+                        buf.push(b',');
+                    }
+                    self.reference(buf, name);
+                }
+                buf.push(b']');
+            });
+            injected.iter_mut().for_each(|done| *done = true);
+            return;
+        };
+        for (n, name) in self.names.iter().enumerate() {
+            match env.iter().position(|e| e.name == *name) {
+                None => {
+                    writer.op("add", &["spec", field, &i, "env", "-"], |buf| {
+                        self.reference(buf, name);
+                    });
+                    injected[n] = true;
+                }
+                Some(j) => {
+                    // Our own entry from an earlier invocation (reinvocation after another
+                    // webhook changed the pod): point it at this invocation's Secret.
+                    let ours = env[j]
+                        .value_from
+                        .as_ref()
+                        .and_then(|v| v.secret_key_ref.as_ref())
+                        .is_some_and(|r| {
+                            Some(r.name.as_str()) == self.previous_secret && r.key == *name
+                        });
+                    if ours {
+                        let j = j.to_string();
+                        writer.add_str(
+                            &[
+                                "spec",
+                                field,
+                                &i,
+                                "env",
+                                &j,
+                                "valueFrom",
+                                "secretKeyRef",
+                                "name",
+                            ],
+                            self.secret_name,
+                        );
+                        injected[n] = true;
+                    } else {
+                        skipped.push(format!("{}/{name}", container.name));
+                    }
                 }
             }
         }

@@ -4,6 +4,7 @@
 //! create the pod-scoped Secret; everything they log is the request's uid, kind, operation,
 //! namespace, name and decision (and, for injections, the audit line of names).
 
+use super::review::{Operation, PodView, Request, Review};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -14,8 +15,7 @@ use axum_server::tls_rustls::RustlsConfig;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use k8s_openapi::api::core::v1::Secret;
 use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -209,14 +209,19 @@ impl ReviewResponse {
         Self::refuse(uid, 403, "Forbidden", message)
     }
 
-    fn with_patch(uid: &str, patch: &json_patch::Patch) -> Self {
+    /// Allow with `patch`, a serialised JSON patch.
+    fn with_patch(uid: &str, patch: &[u8]) -> Self {
         use base64::Engine as _;
+        Self {
+            patch: Some(base64::engine::general_purpose::STANDARD.encode(patch)),
+            patch_type: Some("JSONPatch"),
+            ..Self::allow(uid)
+        }
+    }
+
+    fn with_patch_ops(uid: &str, patch: &json_patch::Patch) -> Self {
         match serde_json::to_vec(patch) {
-            Ok(bytes) => Self {
-                patch: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-                patch_type: Some("JSONPatch"),
-                ..Self::allow(uid)
-            },
+            Ok(bytes) => Self::with_patch(uid, &bytes),
             Err(_) => Self::deny(uid, "failed to encode the admission patch".into()),
         }
     }
@@ -300,16 +305,16 @@ async fn read_body(body: Body) -> Result<Bytes, Invalid> {
 
 /// Parse a review, reporting only the kind and position of a problem: serde's own message
 /// can quote the offending input, which may be a secret value.
-fn parse_review<T>(body: &[u8], kind: &str, group: &str) -> Result<AdmissionRequest<T>, Invalid>
+fn parse_review<T>(body: &[u8], kind: &str, group: &str) -> Result<Request<T>, Invalid>
 where
-    T: kube::Resource + DeserializeOwned,
+    T: DeserializeOwned,
 {
     let invalid = |message: String| Invalid {
         uid: sniff_uid(body),
         status: StatusCode::BAD_REQUEST,
         message,
     };
-    let review: AdmissionReview<T> = serde_json::from_slice(body).map_err(|e| {
+    let review: Review<T> = serde_json::from_slice(body).map_err(|e| {
         // A review of another kind fails to deserialize as `T`: name the kinds rather than
         // the position of the first field that differs.
         wrong_kind(body, kind, group).unwrap_or_else(|| invalid(match e.classify() {
@@ -317,21 +322,21 @@ where
                 format!("request body is not valid JSON (line {}, column {})", e.line(), e.column())
             }
             _ => format!(
-                "request body is not an AdmissionReview carrying a {kind} (unexpected data at line {}, column {})",
+                "request body is not an AdmissionReview for kind {kind} (unexpected data at line {}, column {})",
                 e.line(),
                 e.column()
             ),
         }))
     })?;
-    if review.types.api_version != "admission.k8s.io/v1" || review.types.kind != "AdmissionReview" {
+    if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
         return Err(invalid(format!(
             "expected an admission.k8s.io/v1 AdmissionReview, got {}/{}",
-            review.types.api_version, review.types.kind
+            review.api_version, review.kind
         )));
     }
-    let request: AdmissionRequest<T> = review
-        .try_into()
-        .map_err(|_| invalid("AdmissionReview carries no request".into()))?;
+    let request = review
+        .request
+        .ok_or_else(|| invalid("AdmissionReview carries no request".into()))?;
     if request.kind.kind != kind || request.kind.group != group {
         let mut invalid = invalid(format!(
             "this endpoint admits {kind} objects, not {}/{}",
@@ -387,8 +392,8 @@ async fn answer<T, F, Fut>(
     decide: F,
 ) -> Response
 where
-    T: kube::Resource + DeserializeOwned,
-    F: FnOnce(AdmissionRequest<T>) -> Fut,
+    T: DeserializeOwned,
+    F: FnOnce(Request<T>) -> Fut,
     Fut: Future<Output = Answer>,
 {
     let started = Instant::now();
@@ -452,7 +457,7 @@ async fn agentsecrets_handler(State(state): State<AppState>, body: Body) -> Resp
             }
             agentsecret::Decision::Patch { patch, action } => {
                 tracing::info!(uid = %request.uid, kind = "AgentSecret", operation, namespace, name = %request.name, decision = "patched", action = action.as_str(), dry_run = request.dry_run, "admission");
-                Answer { response: ReviewResponse::with_patch(uid, &patch), decision: "patched" }
+                Answer { response: ReviewResponse::with_patch_ops(uid, &patch), decision: "patched" }
             }
         };
         std::future::ready(answer)
@@ -462,7 +467,7 @@ async fn agentsecrets_handler(State(state): State<AppState>, body: Body) -> Resp
 
 async fn pods_handler(State(state): State<AppState>, body: Body) -> Response {
     let st = state.clone();
-    answer::<Pod, _, _>(&state, body, "Pod", "", |request| async move {
+    answer::<PodView, _, _>(&state, body, "Pod", "", |request| async move {
         let state = st;
         let keyring = state.keyring.current();
         let hint = request.object.as_ref().map(pod::pod_hint).unwrap_or("<unnamed>").to_owned();
@@ -500,7 +505,7 @@ async fn pods_handler(State(state): State<AppState>, body: Body) -> Response {
                     namespace,
                     pod = %hint,
                     owner = %injection.owner,
-                    requester = super::requester(&request),
+                    requester = request.requester(),
                     injected = %injection.injected.join(","),
                     skipped = %injection.skipped.join(","),
                     secret = injection.secret.as_ref().map(|s| s.name.as_str()).unwrap_or(""),
