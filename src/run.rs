@@ -199,7 +199,7 @@ async fn termination_signal() {
 }
 
 /// Feed the cache from a watch on every AgentSecret until `stop` is cancelled.
-async fn watch_agentsecrets(
+pub async fn watch_agentsecrets(
     client: kube::Client,
     index: Arc<SecretIndex>,
     stop: CancellationToken,

@@ -49,7 +49,6 @@ use agent_secrets::telemetry::Metrics;
 use agent_secrets::webhook::Policy;
 use agent_secrets::webhook::server::{self, AppState, KubeSecretWriter};
 use axum_server::tls_rustls::RustlsConfig;
-use futures::StreamExt as _;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -58,7 +57,7 @@ use kube::api::{
 };
 use kube::core::Status;
 use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::{WatchStreamExt as _, watcher};
+
 use kube::{Client, ResourceExt as _};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -220,23 +219,11 @@ impl Guard {
 
 /// Feed `index` from a watch on every AgentSecret, as the operator does, until `stop`.
 fn spawn_agentsecret_watch(client: &Client, index: &Arc<SecretIndex>, stop: &CancellationToken) {
-    let index = index.clone();
-    let stop = stop.clone();
-    let api = Api::<AgentSecret>::all(client.clone());
-    tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
-        tokio::pin!(stream);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                event = stream.next() => match event {
-                    Some(Ok(event)) => index.apply(event),
-                    Some(Err(error)) => eprintln!("AgentSecret watch failed; retrying: {error}"),
-                    None => return,
-                },
-            }
-        }
-    });
+    tokio::spawn(agent_secrets::run::watch_agentsecrets(
+        client.clone(),
+        index.clone(),
+        stop.clone(),
+    ));
 }
 
 fn api_error<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> Box<Status> {
