@@ -272,6 +272,23 @@ async fn a_duplicate_env_name_for_the_owner_is_denied_naming_the_other_secret() 
 }
 
 #[tokio::test]
+async fn an_update_keeping_its_env_name_is_not_refused_as_a_duplicate() {
+    let server = TestServer::start(Policy::default()).await;
+    // bob already has X_BEARER_TOKEN as "bob-x-bearer-token"; suppose a second one raced in.
+    let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
+    seal_old_object(&mut review, &server.keyring);
+    for object in ["object", "oldObject"] {
+        review["request"][object]["spec"]["envName"] = json!("X_BEARER_TOKEN");
+    }
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    // Renaming onto a taken name is still refused.
+    review["request"]["oldObject"]["spec"]["envName"] = json!("POSTGRES_PASSWORD");
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+}
+
+#[tokio::test]
 async fn configured_reserved_env_names_are_denied() {
     let policy = Policy {
         extra_reserved_env_names: vec!["NODE_OPTIONS".into()],
@@ -535,6 +552,29 @@ async fn reinvocation_adds_no_duplicate_env_entries() {
     assert_eq!(
         created[1].metadata.name.as_deref(),
         Some(new_secret.as_str())
+    );
+}
+
+#[tokio::test]
+async fn reinvocation_after_an_owner_change_never_keeps_the_first_owners_secret() {
+    let server = TestServer::start(Policy::default()).await;
+    let (path, review) = fixture("pod_create_named.json");
+    let first = server.review(&path, &review).await;
+    let once = patched(&review["request"]["object"], &first);
+    // A later webhook relabels the pod for bob; bob has X_BEARER_TOKEN but not alice's
+    // NOTION_API_KEY or OPENAI_API_KEY, whose entries still point at alice's Secret.
+    let mut again = review.clone();
+    again["request"]["uid"] = json!("5a1e0c2e-0000-4000-8000-000000000002");
+    again["request"]["object"] = once;
+    again["request"]["object"]["metadata"]["labels"]["agentsecrets.io/owner"] = json!("bob");
+    let second = server.review(&path, &again).await;
+    assert_eq!(second["response"]["allowed"], false, "{second}");
+    let message = second["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("sandbox/NOTION_API_KEY"), "{message}");
+    assert_eq!(
+        server.created().len(),
+        1,
+        "no Secret for the refused invocation"
     );
 }
 

@@ -82,12 +82,8 @@ pub fn next_spec(
 pub enum LeaseError {
     #[error("lost the leader Lease {0}: another replica holds it now")]
     Lost(String),
-    #[error("failed to renew the leader Lease {name} within its duration: {source}")]
-    RenewFailed {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error("failed to renew the leader Lease {name} within its duration: {reason}")]
+    RenewFailed { name: String, reason: String },
 }
 
 /// Leader election settings.
@@ -167,7 +163,12 @@ impl Elector {
         let mut last_renewal: Option<tokio::time::Instant> = None;
         loop {
             let leading = *leader.borrow();
-            match self.round().await {
+            // A round that hangs (no client read timeout) must not keep a stale leader.
+            let outcome = match tokio::time::timeout(renew_every, self.round()).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {renew_every:?}")),
+            };
+            match outcome {
                 Ok(true) => {
                     last_renewal = Some(tokio::time::Instant::now());
                     if !leading {
@@ -180,7 +181,7 @@ impl Elector {
                     return Err(LeaseError::Lost(self.name.clone()));
                 }
                 Ok(false) => {}
-                Err(source) => {
+                Err(reason) => {
                     // Stop writing before another replica may consider the Lease expired.
                     let expired = last_renewal
                         .is_some_and(|t| t.elapsed() >= self.duration.mul_f32(2.0 / 3.0));
@@ -188,10 +189,10 @@ impl Elector {
                         leader.send_replace(false);
                         return Err(LeaseError::RenewFailed {
                             name: self.name.clone(),
-                            source,
+                            reason,
                         });
                     }
-                    tracing::warn!(lease = %self.name, error = %source, "leader election round failed");
+                    tracing::warn!(lease = %self.name, error = %reason, "leader election round failed");
                 }
             }
             let wait = if *leader.borrow() {

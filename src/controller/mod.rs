@@ -9,9 +9,10 @@ pub mod podsecret;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -169,10 +170,19 @@ pub async fn run(
     .for_each(|_| futures::future::ready(()));
 
     let selector = format!("{POD_SCOPED_LABEL}=true,{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
-    let pod_secrets = Controller::new(
-        kube::Api::<Secret>::all(ctx.client.clone()),
-        watcher::Config::default().labels(&selector),
+    // Metadata only: a full watch would keep every running sandbox's values (the Secrets'
+    // data) in this process's cache for the pod's lifetime.
+    let (reader, writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let secrets = reflector(
+        writer,
+        watcher(
+            kube::Api::<PartialObjectMeta<Secret>>::all(ctx.client.clone()),
+            watcher::Config::default().labels(&selector),
+        )
+        .default_backoff(),
     )
+    .applied_objects();
+    let pod_secrets = Controller::for_stream(secrets, reader)
     // A sandbox pod is stored after the webhook created its Secret: adopt it when it appears.
     .watches(
         kube::Api::<Pod>::all(ctx.client.clone()),
@@ -189,7 +199,7 @@ pub async fn run(
             }
             result
         },
-        |secret: Arc<Secret>, error: &Error, ctx: Arc<Context>| {
+        |secret: Arc<PartialObjectMeta<Secret>>, error: &Error, ctx: Arc<Context>| {
             let key = object_key("Secret", secret.as_ref());
             tracing::warn!(object = key, %error, "pod-scoped Secret reconcile failed; retrying");
             Action::requeue(ctx.backoff(key))

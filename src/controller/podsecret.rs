@@ -5,10 +5,10 @@
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::ResourceExt as _;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt as _};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,8 +30,8 @@ pub enum SecretAction {
 }
 
 /// Decide for one pod-scoped Secret given the labelled pods of its namespace.
-pub fn secret_action(
-    secret: &Secret,
+pub fn secret_action<S: Resource>(
+    secret: &S,
     pods: &[Pod],
     now: Timestamp,
     grace: Duration,
@@ -63,7 +63,7 @@ pub fn secret_action(
         });
     }
     let created = secret
-        .metadata
+        .meta()
         .creation_timestamp
         .as_ref()
         .map_or(now, |t| t.0);
@@ -84,14 +84,15 @@ pub fn secret_action(
 /// The pod-scoped Secret a sandbox pod names. The webhook creates the Secret before the pod
 /// is stored, so the Secret's own reconcile usually finds no pod yet; the pod appearing must
 /// prompt the adoption, or it would wait until the Secret's grace period ends.
-pub fn secret_of_pod(pod: &Pod) -> Option<ObjectRef<Secret>> {
+pub fn secret_of_pod<S: Resource<DynamicType = ()>>(pod: &Pod) -> Option<ObjectRef<S>> {
     let name = pod.annotations().get(SECRET_NAME_ANNOTATION)?;
     let namespace = pod.namespace()?;
     Some(ObjectRef::new(name).within(&namespace))
 }
 
-/// Reconcile one pod-scoped Secret.
-pub async fn reconcile(secret: Arc<Secret>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// Reconcile one pod-scoped Secret. Only its metadata is needed (the controller watches
+/// metadata only, so the values are never held in its cache).
+pub async fn reconcile<S: Resource>(secret: Arc<S>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
     if !secret.owner_references().is_empty() {
@@ -108,7 +109,12 @@ pub async fn reconcile(secret: Arc<Secret>, ctx: Arc<Context>) -> Result<Action,
         .await
         .map_err(Error::Kube)?;
     let secrets: kube::Api<Secret> = kube::Api::namespaced(ctx.client.clone(), &namespace);
-    match secret_action(&secret, &pods.items, Timestamp::now(), ctx.pod_secret_grace) {
+    match secret_action(
+        secret.as_ref(),
+        &pods.items,
+        Timestamp::now(),
+        ctx.pod_secret_grace,
+    ) {
         SecretAction::Done => Ok(Action::await_change()),
         SecretAction::Adopt(reference) => {
             let patch = json!({"metadata": {"ownerReferences": [reference]}});
@@ -221,11 +227,12 @@ mod tests {
 
     #[test]
     fn a_pod_prompts_a_look_at_the_secret_it_names() {
-        let reference = secret_of_pod(&pod("alice", "sandbox-asec-abc", Some("u1"))).unwrap();
+        let reference =
+            secret_of_pod::<Secret>(&pod("alice", "sandbox-asec-abc", Some("u1"))).unwrap();
         assert_eq!(reference, ObjectRef::new("sandbox-asec-abc").within("ns"));
         let mut unnamed = pod("alice", "sandbox-asec-abc", Some("u1"));
         unnamed.metadata.annotations = None;
-        assert_eq!(secret_of_pod(&unnamed), None);
+        assert_eq!(secret_of_pod::<Secret>(&unnamed), None);
     }
 
     #[test]

@@ -78,7 +78,19 @@ pub fn mutate(
     if let Err(e) = validate_env_name(&spec.env_name, &policy.extra_reserved_env_names) {
         return Decision::Deny(format!("spec.envName: {e}"));
     }
-    if let Some(other) = index.env_name_taken_by(&namespace, &spec.owner, &spec.env_name, &name) {
+    // Checked when the name is claimed (create, or an envName change): an update of one of two
+    // duplicates that raced past this check must still go through, or neither could be
+    // repaired, re-wrapped or have its value changed.
+    let old_env_name = request
+        .old_object
+        .as_ref()
+        .filter(|_| request.operation == Operation::Update)
+        .map(|old| old.spec.env_name.as_str());
+    let claims_name = old_env_name != Some(spec.env_name.as_str());
+    if let Some(other) = claims_name
+        .then(|| index.env_name_taken_by(&namespace, &spec.owner, &spec.env_name, &name))
+        .flatten()
+    {
         return Decision::Deny(format!(
             "owner {:?} already has a secret with envName {} in namespace {namespace:?}: AgentSecret {other:?}; edit that one or choose another name",
             spec.owner, spec.env_name

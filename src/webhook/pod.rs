@@ -267,10 +267,19 @@ pub fn mutate(
 
     let names: Vec<&str> = opened.iter().map(|(name, _)| *name).collect();
     let include_init = annotation(INIT_CONTAINERS_ANNOTATION) == Some("true");
+    let previous_secret = annotation(SECRET_NAME_ANNOTATION);
+    // On reinvocation every reference to the earlier Secret is repointed to this one; a
+    // reference to a key not injected now (the owner label changed in between, or a secret
+    // was deleted) would keep a value this pod must not have.
+    if let Some(stale) = stale_reference(pod, previous_secret, &names) {
+        return Decision::Deny(format!(
+            "env {stale} refers to the pod-scoped Secret of an earlier injection, for a secret owner {owner:?} does not have now; recreate the pod"
+        ));
+    }
     let injection = Injector {
         names: &names,
         secret_name,
-        previous_secret: annotation(SECRET_NAME_ANNOTATION),
+        previous_secret,
     };
     let spec = pod.spec.as_ref();
     let mut writer = PatchWriter::default();
@@ -350,6 +359,32 @@ fn unique_by_env_name<'a>(
         }
     }
     Ok(by_env)
+}
+
+/// `container/NAME` of an env entry (in any container) that refers to `previous_secret` under a
+/// key not in `names`.
+fn stale_reference(pod: &PodView, previous_secret: Option<&str>, names: &[&str]) -> Option<String> {
+    let previous = previous_secret?;
+    let spec = pod.spec.as_ref()?;
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    for container in containers {
+        for entry in container.env.iter().flatten() {
+            let reference = entry
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref());
+            if let Some(reference) = reference
+                && reference.name == previous
+                && !names.contains(&reference.key.as_str())
+            {
+                return Some(format!("{}/{}", container.name, entry.name));
+            }
+        }
+    }
+    None
 }
 
 /// Writes the env entries of one pod's injection.
