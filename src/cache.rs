@@ -27,8 +27,13 @@ pub struct CachedSecret {
 }
 
 impl CachedSecret {
-    /// The cache's view of an AgentSecret; `None` for an object without a namespace.
+    /// The cache's view of an AgentSecret; `None` for an object without a namespace, or one
+    /// being deleted (a finalizer may hold it, but `kubectl delete` promised that sandboxes
+    /// started afterwards no longer get it).
     pub fn from_object(object: &AgentSecret) -> Option<Self> {
+        if object.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
         Some(Self {
             namespace: object.namespace()?,
             name: object.name_any(),
@@ -106,11 +111,14 @@ impl SecretIndex {
     pub fn apply(&self, event: watcher::Event<AgentSecret>) {
         let mut state = self.write();
         match event {
-            watcher::Event::Apply(object) => {
-                if let Some(secret) = CachedSecret::from_object(&object) {
-                    state.insert(secret);
+            watcher::Event::Apply(object) => match CachedSecret::from_object(&object) {
+                Some(secret) => state.insert(secret),
+                None => {
+                    if let Some(namespace) = object.namespace() {
+                        state.remove(&namespace, &object.name_any());
+                    }
                 }
-            }
+            },
             watcher::Event::Delete(object) => {
                 if let Some(namespace) = object.namespace() {
                     state.remove(&namespace, &object.name_any());
@@ -301,6 +309,21 @@ mod tests {
         assert_eq!(names(&index, "ns", "bob"), ["a"]);
         index.apply(watcher::Event::Delete(object("ns", "a", "bob", "A2")));
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn an_object_being_deleted_leaves_the_cache() {
+        let index = SecretIndex::default();
+        index.replace_all([]);
+        let mut object = object("ns", "a", "alice", "A");
+        index.apply(watcher::Event::Apply(object.clone()));
+        assert_eq!(index.len(), 1);
+        object.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        index.apply(watcher::Event::Apply(object));
+        assert!(index.owner_secrets("ns", "alice").is_empty());
     }
 
     #[test]

@@ -121,9 +121,31 @@ pub enum KeysCommand {
     /// it as a Kubernetes Secret manifest to `kubectl apply -f -`. The output contains key
     /// material: redirect it to a protected place, never to a shared log.
     Generate(GenerateArgs),
+    /// Print a keyring with key ID made the primary (the second phase of a rotation).
+    Promote(PromoteArgs),
     /// Report how many AgentSecrets are wrapped under each key (cluster-wide), and whether an
     /// old key may be removed from the keyring.
     Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// Id of the key to make the primary; it must be in the keyring.
+    pub id: String,
+    /// The keyring file.
+    #[arg(long, env = "AGENTSECRETS_KEYRING", value_name = "FILE")]
+    pub keyring: PathBuf,
+    /// Print a Secret manifest with this name instead of the bare keyring file.
+    #[arg(long, value_name = "NAME")]
+    pub secret: Option<String>,
+    /// Namespace of the Secret manifest.
+    #[arg(
+        short = 'n',
+        long,
+        requires = "secret",
+        default_value = "agent-secrets"
+    )]
+    pub namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +166,11 @@ pub struct GenerateArgs {
     /// Existing keyring file to add the new primary key to.
     #[arg(long, value_name = "FILE", env = "AGENTSECRETS_KEYRING_ADD_TO")]
     pub add_to: Option<PathBuf>,
+    /// With --add-to: add the key without making it the primary. Rotate in two phases: add,
+    /// wait until every replica has loaded the keyring, then `keys promote`; a replica that
+    /// has not reloaded yet could otherwise not open values sealed under the new key.
+    #[arg(long, requires = "add_to")]
+    pub no_promote: bool,
     /// Print a Secret manifest with this name instead of the bare keyring file.
     #[arg(long, value_name = "NAME")]
     pub secret: Option<String>,
@@ -169,6 +196,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys(KeysCommand::Status(args)) => keys_status(args).await,
+        Command::Keys(KeysCommand::Promote(args)) => {
+            let PromoteArgs {
+                id,
+                keyring,
+                secret,
+                namespace,
+            } = args;
+            let mut keyring = Keyring::load(&keyring)?;
+            keyring.set_primary(&id)?;
+            let out = render_keyring(&keyring, secret.as_deref(), &namespace)?;
+            std::io::stdout()
+                .write_all(out.as_bytes())
+                .context("failed to write the keyring")?;
+            Ok(())
+        }
         Command::Inject(args) => inject(args).await,
         Command::Set(args) => {
             crate::tools::user::set(
@@ -200,6 +242,7 @@ pub fn generate_keyring(args: &GenerateArgs) -> anyhow::Result<zeroize::Zeroizin
     let GenerateArgs {
         id,
         add_to,
+        no_promote,
         secret,
         namespace,
     } = args;
@@ -207,19 +250,32 @@ pub fn generate_keyring(args: &GenerateArgs) -> anyhow::Result<zeroize::Zeroizin
     let keyring = match add_to {
         Some(path) => {
             let mut keyring = Keyring::load(path)?;
-            keyring.add_primary(&id)?;
+            if *no_promote {
+                keyring.add_key(&id)?;
+            } else {
+                keyring.add_primary(&id)?;
+            }
             keyring
         }
         None => Keyring::generate(&id)?,
     };
+    render_keyring(&keyring, secret.as_deref(), namespace)
+}
+
+/// The keyring file's text, or a Secret manifest named `secret` holding it.
+fn render_keyring(
+    keyring: &Keyring,
+    secret: Option<&str>,
+    namespace: &str,
+) -> anyhow::Result<zeroize::Zeroizing<String>> {
     let text = keyring.to_yaml()?;
     let Some(name) = secret else {
         return Ok(text);
     };
     let manifest = Secret {
         metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(namespace.clone()),
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
             labels: Some(
                 [(
                     crate::api::MANAGED_BY_LABEL.to_owned(),
@@ -258,10 +314,8 @@ async fn keys_status(args: StatusArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| crate::tools::user::explain(e, namespace.as_deref().unwrap_or("<all>")))?
         .items;
-    print!(
-        "{}",
-        crate::tools::keys::key_report(&items, keyring.as_ref()).render()
-    );
+    let report = crate::tools::keys::key_report(&items, keyring.as_ref(), namespace.as_deref());
+    print!("{}", report.render());
     Ok(())
 }
 
@@ -287,6 +341,9 @@ async fn inject(args: InjectArgs) -> anyhow::Result<()> {
     let namespace = namespace
         .or_else(|| pod["metadata"]["namespace"].as_str().map(str::to_owned))
         .unwrap_or_else(|| "default".to_owned());
+    if !pod.is_object() || !pod["metadata"].is_object() {
+        anyhow::bail!("{} is not a Pod manifest (no metadata)", file.display());
+    }
     pod["metadata"]["namespace"] = serde_json::Value::String(namespace.clone());
     let keyring = match keyring {
         Some(path) => Keyring::load(&path)?,

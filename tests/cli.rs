@@ -129,6 +129,57 @@ fn keys_generate_prints_a_loadable_keyring_and_adds_primaries() {
 }
 
 #[test]
+fn rotation_in_two_phases_adds_then_promotes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring.yaml");
+    std::fs::write(
+        &path,
+        stdout(&agentsecrets(&["keys", "generate", "--id", "old"])),
+    )
+    .unwrap();
+    let added = agentsecrets(&[
+        "keys",
+        "generate",
+        "--id",
+        "new",
+        "--add-to",
+        path.to_str().unwrap(),
+        "--no-promote",
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    let keyring = Keyring::from_yaml(&stdout(&added)).unwrap();
+    assert_eq!(keyring.primary_id(), "old", "phase 1 keeps the primary");
+    assert!(keyring.contains("new"));
+
+    std::fs::write(&path, stdout(&added)).unwrap();
+    let promoted = agentsecrets(&[
+        "keys",
+        "promote",
+        "new",
+        "--keyring",
+        path.to_str().unwrap(),
+    ]);
+    assert!(promoted.status.success(), "{}", stderr(&promoted));
+    let keyring = Keyring::from_yaml(&stdout(&promoted)).unwrap();
+    assert_eq!(keyring.primary_id(), "new");
+    assert_eq!(keyring.key_ids().collect::<Vec<_>>(), ["new", "old"]);
+
+    let unknown = agentsecrets(&[
+        "keys",
+        "promote",
+        "nope",
+        "--keyring",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("\"nope\" is not among its keys"),
+        "{}",
+        stderr(&unknown)
+    );
+}
+
+#[test]
 fn keys_generate_as_a_secret_manifest() {
     let output = agentsecrets(&[
         "keys",
@@ -161,6 +212,10 @@ fn every_command_explains_itself() {
         (vec!["crd", "--help"], "CustomResourceDefinition"),
         (vec!["keys", "generate", "--help"], "--add-to"),
         (vec!["keys", "status", "--help"], "removed from the keyring"),
+        (
+            vec!["keys", "promote", "--help"],
+            "second phase of a rotation",
+        ),
         (vec!["inject", "--help"], "never values"),
         (vec!["set", "--help"], "hidden prompt"),
         (vec!["list", "--help"], "masked value"),

@@ -172,6 +172,14 @@ impl Keyring {
     /// Add a freshly generated key and make it the primary; existing keys are kept so that
     /// values wrapped under them still open until the controller re-wraps them.
     pub fn add_primary(&mut self, id: &str) -> Result<(), KeyringError> {
+        self.add_key(id)?;
+        self.primary = id.to_owned();
+        Ok(())
+    }
+
+    /// Add a freshly generated key without making it the primary: the first phase of a
+    /// rotation, so that every replica can open values wrapped under it before any is.
+    pub fn add_key(&mut self, id: &str) -> Result<(), KeyringError> {
         if !valid_key_id(id) {
             return Err(KeyringError::InvalidId(id.chars().take(64).collect()));
         }
@@ -181,7 +189,6 @@ impl Keyring {
         let mut material = Zeroizing::new([0u8; KEK_LEN]);
         getrandom::fill(material.as_mut_slice()).map_err(|_| KeyringError::Random)?;
         self.keys.insert(id.to_owned(), Kek::new(material));
-        self.primary = id.to_owned();
         Ok(())
     }
 

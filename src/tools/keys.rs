@@ -23,10 +23,17 @@ pub struct KeyReport {
     pub keys: Vec<KeyUsage>,
     /// AgentSecrets without a sealed value (plaintext awaiting the controller, or broken).
     pub unsealed: usize,
+    /// The one namespace counted, if the count is not cluster-wide: then no key is said to
+    /// be removable, since other namespaces may still use it.
+    pub namespace: Option<String>,
 }
 
 /// Count AgentSecrets per key id, and compare with the keyring if given.
-pub fn key_report(secrets: &[AgentSecret], keyring: Option<&Keyring>) -> KeyReport {
+pub fn key_report(
+    secrets: &[AgentSecret],
+    keyring: Option<&Keyring>,
+    namespace: Option<&str>,
+) -> KeyReport {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut unsealed = 0;
     for secret in secrets {
@@ -49,7 +56,11 @@ pub fn key_report(secrets: &[AgentSecret], keyring: Option<&Keyring>) -> KeyRepo
             secrets,
         })
         .collect();
-    KeyReport { keys, unsealed }
+    KeyReport {
+        keys,
+        unsealed,
+        namespace: namespace.map(str::to_owned),
+    }
 }
 
 impl KeyReport {
@@ -74,8 +85,10 @@ impl KeyReport {
                 Some(false) => "no",
                 None => "?",
             };
+            let cluster_wide = self.namespace.is_none();
             let note = match (key.in_keyring, key.primary, key.secrets) {
                 (_, true, _) => "new values are sealed under this key",
+                (Some(true), false, 0) if !cluster_wide => "unused in this namespace",
                 (Some(false), _, n) if n > 0 => {
                     "MISSING: these secrets cannot be opened; restore this key"
                 }
@@ -106,6 +119,13 @@ impl KeyReport {
             .map(|k| k.secrets)
             .sum();
         let known_primary = self.keys.iter().any(|k| k.primary);
+        if let Some(namespace) = &self.namespace {
+            let _ = writeln!(
+                out,
+                "\nCounts cover namespace {namespace} only: run without -n before removing a key from the keyring."
+            );
+            return out;
+        }
         let _ = match (known_primary, remaining) {
             (false, _) => writeln!(
                 out,
@@ -154,7 +174,7 @@ mod tests {
         all.push(sealed_under(&keyring));
         all.push(unsealed);
 
-        let report = key_report(&all, Some(&keyring));
+        let report = key_report(&all, Some(&keyring), None);
         assert_eq!(report.unsealed, 1);
         assert_eq!(
             report.keys,
@@ -180,17 +200,26 @@ mod tests {
         );
         assert!(text.contains("keep it until"), "{text}");
 
-        let done = key_report(&[sealed_under(&keyring)], Some(&keyring));
+        let done = key_report(&[sealed_under(&keyring)], Some(&keyring), None);
         let text = done.render();
         assert!(text.contains("Rotation complete"), "{text}");
         assert!(text.contains("unused: may be removed"), "{text}");
+
+        // Counted in one namespace only, nothing is declared removable.
+        let text =
+            key_report(&[sealed_under(&keyring)], Some(&keyring), Some("sandboxes")).render();
+        assert!(
+            !text.contains("may be removed") && !text.contains("Rotation complete"),
+            "{text}"
+        );
+        assert!(text.contains("namespace sandboxes only"), "{text}");
     }
 
     #[test]
     fn a_key_missing_from_the_keyring_is_flagged() {
         let lost = Keyring::generate("lost").unwrap();
         let current = Keyring::generate("current").unwrap();
-        let report = key_report(&[sealed_under(&lost)], Some(&current));
+        let report = key_report(&[sealed_under(&lost)], Some(&current), None);
         assert!(report.render().contains("MISSING"));
         assert_eq!(report.keys[1].in_keyring, Some(false));
     }

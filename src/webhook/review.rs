@@ -9,7 +9,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// `admission.k8s.io/v1` AdmissionReview carrying objects of type `T`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Review<T> {
     pub api_version: String,
@@ -18,8 +18,9 @@ pub struct Review<T> {
     pub request: Option<Request<T>>,
 }
 
-/// One admission request.
-#[derive(Debug, Clone, Deserialize)]
+/// One admission request. Its `Debug` names the request only: the objects can carry a
+/// plaintext value (in `spec.value` or the last-applied annotation).
+#[derive(Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Request<T> {
     pub uid: String,
@@ -39,6 +40,27 @@ pub struct Request<T> {
     pub old_object: Option<T>,
     #[serde(default)]
     pub dry_run: bool,
+}
+
+impl<T> std::fmt::Debug for Request<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("uid", &self.uid)
+            .field("kind", &self.kind.kind)
+            .field("operation", &self.operation)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("dry_run", &self.dry_run)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> std::fmt::Debug for Review<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Review")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T> Request<T> {
@@ -111,4 +133,28 @@ pub struct SecretKeyRefView {
     pub name: String,
     #[serde(default)]
     pub key: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::AgentSecret;
+
+    #[test]
+    fn debug_of_a_request_holds_no_object_content() {
+        let review: Review<AgentSecret> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1", "kind": {"group": "agentsecrets.io", "version": "v1alpha1", "kind": "AgentSecret"},
+                "operation": "CREATE", "userInfo": {"username": "alice"}, "namespace": "ns", "name": "x",
+                "object": {"apiVersion": "agentsecrets.io/v1alpha1", "kind": "AgentSecret",
+                    "metadata": {"name": "x", "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "canary-debug-annotation"}},
+                    "spec": {"owner": "alice", "envName": "X", "value": "canary-debug-value"}}
+            }
+        }))
+        .unwrap();
+        let text = format!("{review:?}");
+        assert!(text.contains("u-1"), "{text}");
+        assert!(!text.contains("canary-debug"), "{text}");
+    }
 }
