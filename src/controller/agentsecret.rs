@@ -214,9 +214,10 @@ pub fn event_for(object: &AgentSecret, plan: &Plan) -> Option<Event> {
 fn next_action(readiness: &Readiness) -> Action {
     match readiness {
         // Keyring changes trigger a reconcile of everything; the periodic pass is a safety net.
-        Readiness::Ready | Readiness::DuplicateEnvName(_) => {
-            Action::requeue(Duration::from_secs(30 * 60))
-        }
+        Readiness::Ready => Action::requeue(Duration::from_secs(30 * 60)),
+        // Resolved by deleting the *other* object, which does not trigger this one: look
+        // again soon so the status clears within a minute.
+        Readiness::DuplicateEnvName(_) => Action::requeue(Duration::from_secs(60)),
         // Permanent until someone acts: reported once, looked at rarely.
         Readiness::KeyMissing(_) | Readiness::Damaged(_) | Readiness::NotSealed => {
             Action::requeue(Duration::from_secs(60 * 60))
