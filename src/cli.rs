@@ -135,6 +135,13 @@ pub struct PromoteArgs {
     /// The keyring file.
     #[arg(long, env = "AGENTSECRETS_KEYRING", value_name = "FILE")]
     pub keyring: PathBuf,
+    #[command(flatten)]
+    pub output: KeyringOutput,
+}
+
+/// How `keys generate` and `keys promote` print the keyring.
+#[derive(Debug, Args)]
+pub struct KeyringOutput {
     /// Print a Secret manifest with this name instead of the bare keyring file.
     #[arg(long, value_name = "NAME")]
     pub secret: Option<String>,
@@ -171,17 +178,8 @@ pub struct GenerateArgs {
     /// has not reloaded yet could otherwise not open values sealed under the new key.
     #[arg(long, requires = "add_to")]
     pub no_promote: bool,
-    /// Print a Secret manifest with this name instead of the bare keyring file.
-    #[arg(long, value_name = "NAME")]
-    pub secret: Option<String>,
-    /// Namespace of the Secret manifest.
-    #[arg(
-        short = 'n',
-        long,
-        requires = "secret",
-        default_value = "agent-secrets"
-    )]
-    pub namespace: String,
+    #[command(flatten)]
+    pub output: KeyringOutput,
 }
 
 /// Run the parsed command.
@@ -200,12 +198,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let PromoteArgs {
                 id,
                 keyring,
-                secret,
-                namespace,
+                output,
             } = args;
             let mut keyring = Keyring::load(&keyring)?;
             keyring.set_primary(&id)?;
-            let out = render_keyring(&keyring, secret.as_deref(), &namespace)?;
+            let out = output.render(&keyring)?;
             std::io::stdout()
                 .write_all(out.as_bytes())
                 .context("failed to write the keyring")?;
@@ -243,8 +240,7 @@ pub fn generate_keyring(args: &GenerateArgs) -> anyhow::Result<zeroize::Zeroizin
         id,
         add_to,
         no_promote,
-        secret,
-        namespace,
+        output,
     } = args;
     let id = id.clone().unwrap_or_else(default_key_id);
     let keyring = match add_to {
@@ -259,44 +255,43 @@ pub fn generate_keyring(args: &GenerateArgs) -> anyhow::Result<zeroize::Zeroizin
         }
         None => Keyring::generate(&id)?,
     };
-    render_keyring(&keyring, secret.as_deref(), namespace)
+    output.render(&keyring)
 }
 
-/// The keyring file's text, or a Secret manifest named `secret` holding it.
-fn render_keyring(
-    keyring: &Keyring,
-    secret: Option<&str>,
-    namespace: &str,
-) -> anyhow::Result<zeroize::Zeroizing<String>> {
-    let text = keyring.to_yaml()?;
-    let Some(name) = secret else {
-        return Ok(text);
-    };
-    let manifest = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(
+impl KeyringOutput {
+    /// The keyring file's text, or a Secret manifest named `--secret` holding it.
+    fn render(&self, keyring: &Keyring) -> anyhow::Result<zeroize::Zeroizing<String>> {
+        let Self { secret, namespace } = self;
+        let text = keyring.to_yaml()?;
+        let Some(name) = secret else {
+            return Ok(text);
+        };
+        let manifest = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(namespace.to_owned()),
+                labels: Some(
+                    [(
+                        crate::api::MANAGED_BY_LABEL.to_owned(),
+                        crate::api::MANAGED_BY_VALUE.to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(
                 [(
-                    crate::api::MANAGED_BY_LABEL.to_owned(),
-                    crate::api::MANAGED_BY_VALUE.to_owned(),
+                    KEYRING_SECRET_KEY.to_owned(),
+                    ByteString(text.as_bytes().to_vec()),
                 )]
                 .into(),
             ),
-            ..ObjectMeta::default()
-        },
-        type_: Some("Opaque".into()),
-        data: Some(
-            [(
-                KEYRING_SECRET_KEY.to_owned(),
-                ByteString(text.as_bytes().to_vec()),
-            )]
-            .into(),
-        ),
-        ..Secret::default()
-    };
-    let yaml = serde_yaml::to_string(&manifest).context("failed to render the Secret")?;
-    Ok(zeroize::Zeroizing::new(yaml))
+            ..Secret::default()
+        };
+        let yaml = serde_yaml::to_string(&manifest).context("failed to render the Secret")?;
+        Ok(zeroize::Zeroizing::new(yaml))
+    }
 }
 
 async fn keys_status(args: StatusArgs) -> anyhow::Result<()> {
