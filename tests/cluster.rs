@@ -44,7 +44,7 @@ mod controller;
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SealedValue, SecretString};
 use agent_secrets::cache::SecretIndex;
-use agent_secrets::crypto::{Keyring, KeyringHandle, SealContext};
+use agent_secrets::crypto::{Keyring, KeyringHandle};
 use agent_secrets::telemetry::Metrics;
 use agent_secrets::webhook::Policy;
 use agent_secrets::webhook::server::{self, AppState, KubeSecretWriter};
@@ -110,6 +110,20 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
+}
+
+/// The username the API server sees for the test's credentials.
+async fn whoami(client: &Client) -> String {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review: SelfSubjectReview = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .unwrap_or_else(|e| panic!("SelfSubjectReview (Kubernetes 1.28+) failed: {e}"));
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .expect("the API server names the test's user")
 }
 
 /// Server-side apply the checked-in CRD and wait until it is Established.
@@ -274,12 +288,14 @@ async fn assert_no_foreign_agentsecret_webhook(client: &Client) {
 
 fn fake_sealed() -> SealedValue {
     // Syntactically valid base64 fields: the CRD checks shape, the webhook checks meaning.
+    // Lengths as the CRD requires: a 40-byte wrapped key, a 12-byte nonce, a tag.
     SealedValue {
         key_id: "k1".into(),
-        wrapped_key: "AAAA".into(),
-        nonce: "AAAA".into(),
-        ciphertext: "AAAA".into(),
+        wrapped_key: format!("{}==", "A".repeat(54)),
+        nonce: "A".repeat(16),
+        ciphertext: format!("{}==", "A".repeat(22)),
         sealed_at: None,
+        format: Some(2),
     }
 }
 
@@ -610,10 +626,17 @@ impl Webhook {
         let listener = server::bind(([0, 0, 0, 0], port).into())
             .unwrap_or_else(|e| panic!("failed to listen on 0.0.0.0:{port}: {e}"));
         let port = listener.local_addr().unwrap().port();
+        // The tests write AgentSecrets of several owners as themselves: the webhook treats
+        // the test's own identity as a secret administrator (owner binding has its own tests).
+        let mut policy = Policy::default();
+        policy.owner_binding.administrators = vec![agent_secrets::webhook::Principal::User(
+            whoami(&client).await,
+        )];
         let state = AppState {
             keyring: keyring_handle,
             index: index.clone(),
-            policy: Arc::new(Policy::default()),
+            policy: Arc::new(policy),
+            pod_secrets: Arc::default(),
             writer: Arc::new(KubeSecretWriter {
                 client: client.clone(),
             }),
@@ -730,9 +753,8 @@ impl Webhook {
             .as_ref()
             .unwrap_or_else(|| panic!("{name}: no spec.sealed"));
         assert_eq!(sealed.key_id, "cluster-test-kek");
-        let plain = self
-            .keyring
-            .open(sealed, SealContext::new(ns, &object.spec.owner))
+        let plain = sealed
+            .open(&self.keyring, object.spec.seal_context(ns))
             .unwrap();
         assert_eq!(plain.expose(), value.as_bytes(), "{name}");
         object
