@@ -2,6 +2,7 @@
 //! rest and injected at admission.
 
 pub mod api;
+pub mod bootstrap;
 pub mod cache;
 pub mod cli;
 pub mod controller;
