@@ -41,6 +41,8 @@
 mod common;
 #[path = "cluster/controller.rs"]
 mod controller;
+#[path = "cluster/policies.rs"]
+mod policies;
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SealedValue, SecretString};
 use agent_secrets::cache::SecretIndex;
