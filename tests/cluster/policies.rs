@@ -59,7 +59,7 @@ impl Drop for PolicyGuard {
                 let client = client().await;
                 let binding_api: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
                 let policy_api: Api<ValidatingAdmissionPolicy> = Api::all(client);
-                // Bindings first: a binding without its policy refuses what it matches.
+                // Bindings first, then the policies they name.
                 for name in &bindings {
                     report(
                         &format!("ValidatingAdmissionPolicyBinding {name}"),
