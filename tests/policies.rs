@@ -504,6 +504,46 @@ fn every_policy_is_bound_with_deny_and_fails_closed() {
     }
 }
 
+#[test]
+fn shipped_policies_use_only_fields_of_the_admissionregistration_v1_api() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    // A misspelt field would be dropped by the typed round trip (and ignored by the API server).
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(document: &Value) -> Value {
+        serde_json::to_value(serde_json::from_value::<T>(document.clone()).unwrap()).unwrap()
+    }
+    let mut checked = 0;
+    for document in manifests() {
+        let typed = match document["kind"].as_str() {
+            Some("ValidatingAdmissionPolicy") => round_trip::<ValidatingAdmissionPolicy>(&document),
+            Some("ValidatingAdmissionPolicyBinding") => {
+                round_trip::<ValidatingAdmissionPolicyBinding>(&document)
+            }
+            _ => continue,
+        };
+        assert_eq!(typed, document, "{}", document["metadata"]["name"]);
+        // matchCondition names are qualified names: at most 63 characters, [-a-z0-9.] inside.
+        for condition in document["spec"]["matchConditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let name = condition["name"].as_str().unwrap();
+            assert!(
+                name.len() <= 63
+                    && name.chars().all(|c| c.is_ascii_lowercase()
+                        || c.is_ascii_digit()
+                        || c == '-'
+                        || c == '.'),
+                "matchCondition name {name:?}"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "three policies and three bindings");
+}
+
 // ---------------------------------------------------------------------------------------
 // Pods: pod-scoped Secret references
 
