@@ -13,23 +13,26 @@ use serde_json::json;
 const CTX: SealContext<'static> = SealContext {
     namespace: "bench",
     owner: "user-0",
+    env_name: "SECRET_0",
+    constraints: "",
 };
+const NOW: i64 = agent_secrets::testing::SEALED_AT;
 
 fn crypto(c: &mut Criterion) {
     let mut keyring = Keyring::generate("old").unwrap();
     let mut group = c.benchmark_group("envelope");
     for size in [64usize, 4096] {
         let value = vec![0x5a; size];
-        let sealed = keyring.seal(&value, CTX).unwrap();
+        let sealed = keyring.seal(&value, CTX, NOW).unwrap();
         group.bench_with_input(BenchmarkId::new("seal", size), &value, |b, v| {
-            b.iter(|| keyring.seal(black_box(v), CTX).unwrap())
+            b.iter(|| keyring.seal(black_box(v), CTX, NOW).unwrap())
         });
         group.bench_with_input(BenchmarkId::new("open", size), &sealed, |b, s| {
             b.iter(|| keyring.open(black_box(s), CTX).unwrap())
         });
         group.bench_with_input(BenchmarkId::new("seal+open", size), &value, |b, v| {
             b.iter(|| {
-                let sealed = keyring.seal(black_box(v), CTX).unwrap();
+                let sealed = keyring.seal(black_box(v), CTX, NOW).unwrap();
                 keyring.open(&sealed, CTX).unwrap()
             })
         });
@@ -38,7 +41,7 @@ fn crypto(c: &mut Criterion) {
     for size in [64usize, 4096] {
         let mut old = Keyring::from_yaml(&keyring.to_yaml().unwrap()).unwrap();
         old.set_primary("old").unwrap();
-        let sealed = old.seal(&vec![0x5a; size], CTX).unwrap();
+        let sealed = old.seal(&vec![0x5a; size], CTX, NOW).unwrap();
         group.bench_with_input(BenchmarkId::new("rewrap", size), &sealed, |b, s| {
             b.iter(|| keyring.rewrap(black_box(s)).unwrap())
         });
@@ -52,10 +55,11 @@ fn index(keyring: &Keyring) -> SecretIndex {
     let mut secrets = synthetic(keyring, "bench", 5_000, 20).unwrap();
     for (owner, count) in [("one", 1), ("hundred", 100)] {
         for mut secret in synthetic(keyring, "bench", 1, count).unwrap() {
-            let ctx = SealContext::new("bench", owner);
+            let ctx = SealContext::new("bench", owner, &secret.env_name);
+            let sealed = keyring.seal(b"value", ctx, NOW).unwrap();
             secret.owner = owner.to_owned();
             secret.name = format!("{owner}-{}", secret.name);
-            secret.sealed = Some(Ok(keyring.seal_envelope(b"value", ctx).unwrap()));
+            secret.sealed = Some(Ok(sealed));
             secrets.push(secret);
         }
     }
@@ -111,13 +115,7 @@ fn admission(c: &mut Criterion) {
         let request = pod_request(owner);
         group.bench_function(BenchmarkId::new("secrets", count), |b| {
             b.iter(|| {
-                let decision = pod::mutate(
-                    black_box(&request),
-                    Some(&keyring),
-                    &index,
-                    &policy,
-                    "sandbox-asec-x",
-                );
+                let decision = pod::mutate(black_box(&request), Some(&keyring), &index, &policy);
                 assert!(matches!(decision, pod::Decision::Inject(_)));
                 decision
             })
@@ -131,7 +129,7 @@ fn admission(c: &mut Criterion) {
         b.iter(|| {
             let review: Review<PodView> = serde_json::from_slice(black_box(&body)).unwrap();
             let request = review.request.unwrap();
-            match pod::mutate(&request, Some(&keyring), &index, &policy, "sandbox-asec-x") {
+            match pod::mutate(&request, Some(&keyring), &index, &policy) {
                 pod::Decision::Inject(injection) => {
                     use base64::Engine as _;
                     base64::engine::general_purpose::STANDARD.encode(&injection.patch)
@@ -161,7 +159,8 @@ fn admission(c: &mut Criterion) {
             "kind": {"group": "agentsecrets.io", "version": "v1alpha1", "kind": "AgentSecret"},
             "resource": {"group": "agentsecrets.io", "version": "v1alpha1", "resource": "agentsecrets"},
             "namespace": "bench", "name": "user-0-new", "operation": "CREATE",
-            "userInfo": {"username": "alice"}, "object": object, "dryRun": false
+            // Written by its owner, as owner binding requires.
+            "userInfo": {"username": "user-0"}, "object": object, "dryRun": false
         }
     });
     let review: Review<AgentSecret> = serde_json::from_value(review).unwrap();
@@ -169,7 +168,7 @@ fn admission(c: &mut Criterion) {
     c.bench_function("agentsecret_mutation/seal", |b| {
         b.iter(|| {
             let decision =
-                agentsecret::mutate(black_box(&request), Some(&keyring), &index, &policy);
+                agentsecret::mutate(black_box(&request), Some(&keyring), &index, &policy, NOW);
             assert!(matches!(decision, agentsecret::Decision::Patch { .. }));
             decision
         })

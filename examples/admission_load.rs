@@ -465,7 +465,7 @@ fn rotation_cost(count: usize) -> (Duration, Duration) {
     let wall = Instant::now();
     let mut rewrapped = 0;
     for envelope in &envelopes {
-        let new = keyring.rewrap_envelope(envelope).unwrap();
+        let new = keyring.rewrap(envelope).unwrap();
         rewrapped += usize::from(new.key_id == "new");
     }
     assert_eq!(rewrapped, count);

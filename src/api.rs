@@ -1,14 +1,22 @@
 //! The `AgentSecret` resource and the names (labels, annotations, field manager) the project
 //! shares with the cluster.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// The plaintext type of `spec.value`.
+pub use crate::crypto::SecretString;
+use crate::crypto::{
+    CryptoError, Envelope, Format, Keyring, NONCE_LEN, Plaintext, SealContext, TAG_LEN,
+    WRAPPED_DEK_LEN,
+};
 
 /// API group of every resource this project defines.
 pub const GROUP: &str = "agentsecrets.io";
@@ -28,6 +36,12 @@ pub const SKIPPED_ANNOTATION: &str = "agentsecrets.io/skipped";
 /// Pod annotation naming the pod-scoped Secret that holds the injected values.
 pub const SECRET_NAME_ANNOTATION: &str = "agentsecrets.io/secret-name";
 
+/// Every pod-scoped Secret's name starts with this prefix, and nobody but the operator may
+/// create, change or delete a Secret named so (a ValidatingAdmissionPolicy enforces it): a pod
+/// may reference such a Secret only when it carries the owner label and names exactly that
+/// Secret in [`SECRET_NAME_ANNOTATION`].
+pub const POD_SECRET_NAME_PREFIX: &str = "asec-pod-";
+
 /// Label on pod-scoped Secrets: who manages them.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`] on everything this project creates.
@@ -42,28 +56,80 @@ pub const POD_ANNOTATION: &str = "agentsecrets.io/pod";
 /// Client-side apply copies the whole manifest (value included) into this annotation.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// Longest accepted plaintext value, in bytes. Credentials are small; the bound keeps the
-/// stored object far below the API server's object size limit.
-pub const MAX_VALUE_BYTES: usize = 64 * 1024;
-
-/// Env names that would let a secret hijack the sandbox runtime. `KUBERNETES_*` is refused too.
-/// Operators can extend this list for the webhook (`--reserved-env-names`).
+/// Env names that would let a secret hijack the sandbox: its shell and process environment,
+/// the language runtimes' code-loading and option variables, its proxy and TLS-trust settings
+/// (which only the webhook sets, for secretless sandboxes), and dynamic loader variables.
+/// The CRD's CEL rule and the webhook are both built from this one list; operators can extend
+/// it for the webhook (`--reserved-env-names`).
 pub const RESERVED_ENV_NAMES: &[&str] = &[
+    // Shell and process environment.
     "PATH",
     "HOME",
     "USER",
     "SHELL",
     "PWD",
     "HOSTNAME",
-    "LD_PRELOAD",
-    "LD_LIBRARY_PATH",
-    "LD_AUDIT",
+    "IFS",
+    "ENV",
+    "BASH_ENV",
+    "PROMPT_COMMAND",
+    "PS4",
+    // Runtimes that load code or options from the environment.
+    "NODE_OPTIONS",
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "PYTHONHOME",
+    "PERL5OPT",
+    "PERL5LIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "JAVA_TOOL_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+    "_JAVA_OPTIONS",
+    "GIT_SSH_COMMAND",
+    "GCONV_PATH",
+    // Egress and TLS trust.
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "NODE_EXTRA_CA_CERTS",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
 ];
-/// Env names starting with this prefix are reserved (service discovery variables).
-pub const RESERVED_ENV_PREFIX: &str = "KUBERNETES_";
+/// Env names starting with one of these are reserved: dynamic loader variables (`LD_PRELOAD`,
+/// `DYLD_INSERT_LIBRARIES`, ...) and Kubernetes' service discovery variables.
+pub const RESERVED_ENV_PREFIXES: &[&str] = &["LD_", "DYLD_", "KUBERNETES_"];
 
 const ENV_NAME_RULE: &str = "self.matches('^[A-Z_][A-Z0-9_]*$')";
-const ENV_NAME_RESERVED_RULE: &str = "!(self in ['PATH', 'HOME', 'USER', 'SHELL', 'PWD', 'HOSTNAME', 'LD_PRELOAD', 'LD_LIBRARY_PATH', 'LD_AUDIT']) && !self.startsWith('KUBERNETES_')";
+
+/// The CRD's CEL rule refusing [`RESERVED_ENV_NAMES`] and [`RESERVED_ENV_PREFIXES`].
+pub fn env_name_reserved_rule() -> String {
+    let names: Vec<String> = RESERVED_ENV_NAMES
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect();
+    let mut rule = format!("!(self in [{}])", names.join(", "));
+    for prefix in RESERVED_ENV_PREFIXES {
+        rule.push_str(&format!(" && !self.startsWith('{prefix}')"));
+    }
+    rule
+}
+
+/// The refusal message for a reserved env name, naming the whole list.
+pub fn env_name_reserved_message() -> String {
+    let prefixes: Vec<String> = RESERVED_ENV_PREFIXES
+        .iter()
+        .map(|p| format!("{p}*"))
+        .collect();
+    format!(
+        "spec.envName is reserved: it would hijack the sandbox runtime, its proxy or its TLS trust ({}, {})",
+        RESERVED_ENV_NAMES.join(", "),
+        prefixes.join(", ")
+    )
+}
 
 /// A user's credential, stored sealed and handed to that user's sandbox pods as an env var.
 // Each `printcolumn(..)` repeats `type_ = ".."`, which clippy mistakes for a duplicated attribute.
@@ -131,11 +197,12 @@ pub struct AgentSecretSpec {
 
     /// Name of the environment variable inside the sandbox, e.g. `SERVICE_API_KEY`,
     /// `SERVICE_BEARER_TOKEN`, `SERVICE_SECRET`, `DB_PASSWORD`. Uppercase letters, digits and
-    /// `_`, not starting with a digit; names the sandbox runtime depends on (`PATH`, `HOME`,
-    /// `LD_PRELOAD`, `KUBERNETES_*`, ...) are refused.
+    /// `_`, not starting with a digit; names that would hijack the sandbox runtime (`PATH`,
+    /// `NODE_OPTIONS`, `HTTPS_PROXY`, `LD_*`, `KUBERNETES_*`, ...) are refused. Part of what the
+    /// sealed value is bound to: a rename re-seals it.
     #[schemars(length(min = 1, max = 255))]
     #[x_kube(validation = Rule::new(ENV_NAME_RULE).message("spec.envName must be an uppercase identifier: only A-Z, 0-9 and _, not starting with a digit (e.g. SERVICE_API_KEY)"))]
-    #[x_kube(validation = Rule::new(ENV_NAME_RESERVED_RULE).message("spec.envName is reserved: PATH, HOME, USER, SHELL, PWD, HOSTNAME, LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT and KUBERNETES_* would hijack the sandbox runtime"))]
+    #[x_kube(validation = Rule::new(env_name_reserved_rule()).message(kube::core::Message::Message(env_name_reserved_message())))]
     pub env_name: String,
 
     /// What the credential is for, shown in listings. At most 1024 characters.
@@ -163,18 +230,119 @@ pub struct SealedValue {
     /// Key-encryption key (KEK) in the keyring that wraps the data key.
     #[schemars(length(min = 1, max = 63))]
     pub key_id: String,
-    /// The 256-bit data key wrapped with AES key wrap (RFC 3394), base64.
-    #[schemars(length(min = 1, max = 64))]
+    /// The 256-bit data key wrapped with AES key wrap (RFC 3394), base64 (40 bytes).
+    #[schemars(length(min = 56, max = 56))]
     pub wrapped_key: String,
-    /// The 96-bit AES-GCM nonce, base64.
-    #[schemars(length(min = 1, max = 24))]
+    /// The 96-bit AES-GCM nonce, base64 (12 bytes).
+    #[schemars(length(min = 16, max = 16))]
     pub nonce: String,
-    /// AES-256-GCM ciphertext with its tag, bound to the namespace and owner, base64.
-    #[schemars(length(min = 1, max = 87424))]
+    /// AES-256-GCM ciphertext with its tag, bound to the namespace, owner, env name and seal
+    /// time, base64.
+    #[schemars(length(min = 24, max = 87404))]
     pub ciphertext: String,
-    /// When this value was sealed from plaintext (re-wrapping keeps it).
+    /// When this value was sealed from plaintext (re-wrapping keeps it). Bound into the
+    /// ciphertext: it cannot be changed without breaking the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_at: Option<Time>,
+    /// Format of the associated data: 2 binds namespace, owner, env name and seal time. Absent
+    /// on values sealed by the first release (namespace and owner only), which the controller
+    /// re-seals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2))]
+    pub format: Option<u32>,
+}
+
+/// Why a stored sealed value cannot be used. Never carries secret material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealedError {
+    #[error("sealed.{field} is not valid base64")]
+    InvalidBase64 { field: &'static str },
+    #[error("sealed.{field} has {actual} bytes, expected {expected}")]
+    InvalidLength {
+        field: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("sealed.format {0} is not known to this version of agent-secrets")]
+    UnknownFormat(u32),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+fn decode_field<const N: usize>(field: &'static str, text: &str) -> Result<[u8; N], SealedError> {
+    let bytes = BASE64
+        .decode(text)
+        .map_err(|_| SealedError::InvalidBase64 { field })?;
+    let actual = bytes.len();
+    bytes.try_into().map_err(|_| SealedError::InvalidLength {
+        field,
+        expected: N,
+        actual,
+    })
+}
+
+impl SealedValue {
+    /// Decode and length-check the stored fields.
+    pub fn decode(&self) -> Result<Envelope, SealedError> {
+        let format = Format::from_number(self.format)
+            .ok_or(SealedError::UnknownFormat(self.format.unwrap_or_default()))?;
+        let wrapped_key = decode_field::<WRAPPED_DEK_LEN>("wrappedKey", &self.wrapped_key)?;
+        let nonce = decode_field::<NONCE_LEN>("nonce", &self.nonce)?;
+        let ciphertext =
+            BASE64
+                .decode(&self.ciphertext)
+                .map_err(|_| SealedError::InvalidBase64 {
+                    field: "ciphertext",
+                })?;
+        if ciphertext.len() < TAG_LEN {
+            return Err(SealedError::InvalidLength {
+                field: "ciphertext",
+                expected: TAG_LEN,
+                actual: ciphertext.len(),
+            });
+        }
+        Ok(Envelope {
+            format,
+            key_id: self.key_id.clone(),
+            wrapped_key,
+            nonce,
+            ciphertext,
+            sealed_at: self.sealed_at.as_ref().map(|t| t.0.as_second()),
+        })
+    }
+
+    /// The stored form of `envelope`.
+    pub fn encode(envelope: &Envelope) -> Self {
+        Self {
+            key_id: envelope.key_id.clone(),
+            wrapped_key: BASE64.encode(envelope.wrapped_key),
+            nonce: BASE64.encode(envelope.nonce),
+            ciphertext: BASE64.encode(&envelope.ciphertext),
+            sealed_at: envelope
+                .sealed_at
+                .and_then(|s| Timestamp::from_second(s).ok())
+                .map(Time),
+            format: envelope.format.number(),
+        }
+    }
+
+    /// Decode and open for `ctx`.
+    pub fn open(&self, keyring: &Keyring, ctx: SealContext<'_>) -> Result<Plaintext, SealedError> {
+        Ok(keyring.open(&self.decode()?, ctx)?)
+    }
+}
+
+impl AgentSecretSpec {
+    /// What this secret's sealed value is bound to, in `namespace`.
+    pub fn seal_context<'a>(&'a self, namespace: &'a str) -> SealContext<'a> {
+        SealContext::new(namespace, &self.owner, &self.env_name)
+    }
+}
+
+/// Seconds since the Unix epoch now: the seal time recorded with a new value. Whole seconds,
+/// because that is what the API server stores and the ciphertext binds.
+pub fn now_seconds() -> i64 {
+    Timestamp::now().as_second()
 }
 
 /// Observed state of an AgentSecret, written by the controller.
@@ -194,34 +362,6 @@ pub struct AgentSecretStatus {
     /// When the value last changed (it was last sealed from plaintext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_changed_at: Option<Time>,
-}
-
-/// A plaintext string that is zeroised on drop and never printed.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize, Zeroize, ZeroizeOnDrop)]
-#[serde(transparent)]
-pub struct SecretString(String);
-
-impl SecretString {
-    pub fn new(value: String) -> Self {
-        Self(value)
-    }
-
-    /// The plaintext. Callers must not log or display it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for SecretString {
-    fn from(value: String) -> Self {
-        Self(value)
-    }
-}
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 impl schemars::JsonSchema for SecretString {
@@ -270,7 +410,7 @@ pub fn validate_env_name(name: &str, extra_reserved: &[String]) -> Result<(), En
         return Err(EnvNameError::Invalid(name.to_owned()));
     }
     if RESERVED_ENV_NAMES.contains(&name)
-        || name.starts_with(RESERVED_ENV_PREFIX)
+        || RESERVED_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
         || extra_reserved.iter().any(|r| r == name)
     {
         return Err(EnvNameError::Reserved(name.to_owned()));
@@ -357,28 +497,187 @@ mod tests {
         ));
     }
 
+    /// The names a security review found would let a secret hijack a sandbox: each must stay
+    /// refused, by the webhook's check and by the CRD's rule built from the same list.
     #[test]
-    fn reserved_cel_rule_names_every_reserved_env_name() {
-        for name in RESERVED_ENV_NAMES {
+    fn every_runtime_hijacking_env_name_is_reserved() {
+        let rule = env_name_reserved_rule();
+        for name in [
+            "NODE_OPTIONS",
+            "NODE_EXTRA_CA_CERTS",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "NO_PROXY",
+            "BASH_ENV",
+            "ENV",
+            "PYTHONPATH",
+            "PYTHONSTARTUP",
+            "PYTHONHOME",
+            "PERL5OPT",
+            "PERL5LIB",
+            "RUBYOPT",
+            "RUBYLIB",
+            "JAVA_TOOL_OPTIONS",
+            "JDK_JAVA_OPTIONS",
+            "_JAVA_OPTIONS",
+            "GIT_SSH_COMMAND",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "GCONV_PATH",
+            "PROMPT_COMMAND",
+            "PS4",
+            "IFS",
+            "PATH",
+            "HOME",
+            "USER",
+            "SHELL",
+            "PWD",
+            "HOSTNAME",
+        ] {
+            assert_eq!(
+                validate_env_name(name, &[]),
+                Err(EnvNameError::Reserved(name.into())),
+                "{name}"
+            );
             assert!(
-                ENV_NAME_RESERVED_RULE.contains(&format!("'{name}'")),
-                "{name} missing from CEL rule"
+                rule.contains(&format!("'{name}'")),
+                "{name} missing from the CEL rule"
             );
         }
-        assert!(ENV_NAME_RESERVED_RULE.contains(&format!("startsWith('{RESERVED_ENV_PREFIX}')")));
+        for name in [
+            "LD_PRELOAD",
+            "LD_ANYTHING",
+            "DYLD_INSERT_LIBRARIES",
+            "KUBERNETES_PORT",
+        ] {
+            assert_eq!(
+                validate_env_name(name, &[]),
+                Err(EnvNameError::Reserved(name.into())),
+                "{name}"
+            );
+        }
+        for prefix in ["LD_", "DYLD_", "KUBERNETES_"] {
+            assert!(
+                rule.contains(&format!("!self.startsWith('{prefix}')")),
+                "{prefix}"
+            );
+        }
     }
 
     #[test]
-    fn secret_string_debug_is_redacted() {
-        let value = SecretString::new("canary-plaintext-123".into());
-        assert_eq!(format!("{value:?}"), "<redacted>");
+    fn spec_debug_is_redacted() {
         let spec = AgentSecretSpec {
             owner: "alice".into(),
             env_name: "X".into(),
             description: None,
-            value: Some(value),
+            value: Some(SecretString::new("canary-plaintext-123".into())),
             sealed: None,
         };
         assert!(!format!("{spec:?}").contains("canary-plaintext-123"));
+    }
+
+    fn sealed(keyring: &Keyring) -> SealedValue {
+        let envelope = keyring
+            .seal(
+                b"value",
+                SealContext::new("ns", "alice", "A"),
+                1_800_000_000,
+            )
+            .unwrap();
+        SealedValue::encode(&envelope)
+    }
+
+    #[test]
+    fn a_sealed_value_survives_the_stored_form() {
+        let keyring = Keyring::generate("k").unwrap();
+        let stored = sealed(&keyring);
+        assert_eq!(stored.format, Some(2));
+        let text = serde_json::to_string(&stored).unwrap();
+        assert!(
+            text.contains("\"sealedAt\":\"2027-01-15T08:00:00Z\""),
+            "{text}"
+        );
+        let back: SealedValue = serde_json::from_str(&text).unwrap();
+        let opened = back
+            .open(&keyring, SealContext::new("ns", "alice", "A"))
+            .unwrap();
+        assert_eq!(opened.expose(), b"value");
+    }
+
+    #[test]
+    fn malformed_stored_fields_get_distinct_errors() {
+        let keyring = Keyring::generate("k").unwrap();
+        let good = sealed(&keyring);
+        let mut t = good.clone();
+        t.nonce = "***".into();
+        assert_eq!(
+            t.decode().unwrap_err(),
+            SealedError::InvalidBase64 { field: "nonce" }
+        );
+        let mut t = good.clone();
+        t.wrapped_key = BASE64.encode([0u8; 16]);
+        assert_eq!(
+            t.decode().unwrap_err(),
+            SealedError::InvalidLength {
+                field: "wrappedKey",
+                expected: WRAPPED_DEK_LEN,
+                actual: 16
+            }
+        );
+        let mut t = good.clone();
+        t.ciphertext = BASE64.encode([0u8; 4]);
+        assert!(matches!(
+            t.decode().unwrap_err(),
+            SealedError::InvalidLength {
+                field: "ciphertext",
+                ..
+            }
+        ));
+        let mut t = good.clone();
+        t.ciphertext = "not base64!".into();
+        assert_eq!(
+            t.decode().unwrap_err(),
+            SealedError::InvalidBase64 {
+                field: "ciphertext"
+            }
+        );
+        let mut t = good;
+        t.format = Some(9);
+        assert_eq!(t.decode().unwrap_err(), SealedError::UnknownFormat(9));
+    }
+
+    /// The CRD's size bounds follow from the crypto constants: a maximal value must fit, and
+    /// nothing larger than the webhook accepts may be stored.
+    #[test]
+    fn crd_size_bounds_follow_the_crypto_constants() {
+        let schema = serde_json::to_value(crd()).unwrap();
+        let spec = &schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        let b64 = |n: usize| n.div_ceil(3) as u64 * 4;
+        let bounds =
+            |field: &serde_json::Value| (field["minLength"].clone(), field["maxLength"].clone());
+        assert_eq!(
+            spec["value"]["maxLength"],
+            crate::crypto::MAX_VALUE_BYTES as u64
+        );
+        let sealed = &spec["sealed"]["properties"];
+        assert_eq!(
+            bounds(&sealed["ciphertext"]),
+            (
+                b64(TAG_LEN).into(),
+                b64(crate::crypto::MAX_VALUE_BYTES + TAG_LEN).into()
+            )
+        );
+        assert_eq!(
+            bounds(&sealed["wrappedKey"]),
+            (b64(WRAPPED_DEK_LEN).into(), b64(WRAPPED_DEK_LEN).into())
+        );
+        assert_eq!(
+            bounds(&sealed["nonce"]),
+            (b64(NONCE_LEN).into(), b64(NONCE_LEN).into())
+        );
     }
 }

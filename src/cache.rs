@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::api::AgentSecret;
+use crate::api::{AgentSecret, SealedError};
 use crate::crypto::{CryptoError, Envelope};
 
 /// What admission knows about one AgentSecret.
@@ -23,7 +23,7 @@ pub struct CachedSecret {
     pub env_name: String,
     /// The sealed value decoded from base64; `None` when the object holds no sealed value
     /// (plaintext that slipped past the webhook, not yet sealed by the controller).
-    pub sealed: Option<Result<Envelope, CryptoError>>,
+    pub sealed: Option<Result<Envelope, SealedError>>,
 }
 
 impl CachedSecret {
@@ -39,7 +39,7 @@ impl CachedSecret {
             name: object.name_any(),
             owner: object.spec.owner.clone(),
             env_name: object.spec.env_name.clone(),
-            sealed: object.spec.sealed.as_ref().map(Envelope::decode),
+            sealed: object.spec.sealed.as_ref().map(|s| s.decode()),
         })
     }
 }
@@ -213,6 +213,81 @@ impl SecretIndex {
     }
 }
 
+/// The pod-scoped Secrets that exist, per namespace, and which of them wait for their pod (no
+/// ownerReference yet), fed by a metadata-only watch (values are never held). Bounds what
+/// forged admission reviews can make the operator create.
+#[derive(Debug, Default)]
+pub struct PodSecretIndex {
+    /// namespace → Secret name → adopted by its pod.
+    state: RwLock<HashMap<String, HashMap<String, bool>>>,
+}
+
+impl PodSecretIndex {
+    /// Apply one event of the watch on pod-scoped Secrets.
+    pub fn apply<K: kube::Resource>(&self, event: watcher::Event<K>) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let key = |object: &K| {
+            Some((
+                object.meta().namespace.clone()?,
+                object.meta().name.clone()?,
+            ))
+        };
+        match event {
+            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
+                if let Some((namespace, name)) = key(&object) {
+                    let adopted = !object
+                        .meta()
+                        .owner_references
+                        .as_deref()
+                        .unwrap_or_default()
+                        .is_empty();
+                    state.entry(namespace).or_default().insert(name, adopted);
+                }
+            }
+            watcher::Event::Delete(object) => {
+                if let Some((namespace, name)) = key(&object)
+                    && let Some(names) = state.get_mut(&namespace)
+                {
+                    names.remove(&name);
+                    if names.is_empty() {
+                        state.remove(&namespace);
+                    }
+                }
+            }
+            // A relist re-applies everything; entries of Secrets deleted meanwhile would be
+            // stale, so start over (the count only bounds new creations).
+            watcher::Event::Init => state.clear(),
+            watcher::Event::InitDone => {}
+        }
+    }
+
+    /// Record a Secret this replica just created, before the watch reports it.
+    pub fn created(&self, namespace: &str, name: &str) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state
+            .entry(namespace.to_owned())
+            .or_default()
+            .entry(name.to_owned())
+            .or_insert(false);
+    }
+
+    /// Whether the Secret exists (as far as this replica knows).
+    pub fn contains(&self, namespace: &str, name: &str) -> bool {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .get(namespace)
+            .is_some_and(|names| names.contains_key(name))
+    }
+
+    /// Pod-scoped Secrets in `namespace` not yet adopted by their pod.
+    pub fn unadopted(&self, namespace: &str) -> usize {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.get(namespace).map_or(0, |names| {
+            names.values().filter(|adopted| !**adopted).count()
+        })
+    }
+}
+
 /// `owners` × `per_owner` AgentSecrets in `namespace` sealed under `keyring`'s primary:
 /// owners `user-0`…, env names `SECRET_0`…. For benchmarks and load tests.
 pub fn synthetic(
@@ -224,15 +299,17 @@ pub fn synthetic(
     let mut secrets = Vec::with_capacity(owners.saturating_mul(per_owner));
     for o in 0..owners {
         let owner = format!("user-{o}");
-        let ctx = crate::crypto::SealContext::new(namespace, &owner);
         for s in 0..per_owner {
             let value = format!("synthetic-value-{o}-{s}");
+            let env_name = format!("SECRET_{s}");
+            let ctx = crate::crypto::SealContext::new(namespace, &owner, &env_name);
+            let sealed = keyring.seal(value.as_bytes(), ctx, crate::api::now_seconds())?;
             secrets.push(CachedSecret {
                 namespace: namespace.to_owned(),
                 name: format!("{owner}-secret-{s}"),
                 owner: owner.clone(),
-                env_name: format!("SECRET_{s}"),
-                sealed: Some(Ok(keyring.seal_envelope(value.as_bytes(), ctx)?)),
+                env_name,
+                sealed: Some(Ok(sealed)),
             });
         }
     }
@@ -258,6 +335,7 @@ mod tests {
                     nonce: "AAAA".into(),
                     ciphertext: "AAAA".into(),
                     sealed_at: None,
+                    format: None,
                 }),
             },
         );
@@ -361,6 +439,41 @@ mod tests {
         assert_eq!(index.env_name_taken_by("ns", "carol", "TOKEN", "new"), None);
     }
 
+    type SecretMeta = kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>;
+
+    fn pod_secret(name: &str, adopted: bool) -> SecretMeta {
+        let mut meta = kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            ..Default::default()
+        };
+        if adopted {
+            meta.owner_references = Some(vec![Default::default()]);
+        }
+        kube::core::PartialObjectMeta {
+            types: None,
+            metadata: meta,
+            _phantom: Default::default(),
+        }
+    }
+
+    #[test]
+    fn pod_secrets_waiting_for_their_pod_are_counted_per_namespace() {
+        let index = PodSecretIndex::default();
+        index.apply(watcher::Event::<SecretMeta>::Init);
+        index.apply(watcher::Event::InitApply(pod_secret("a", false)));
+        index.apply(watcher::Event::InitApply(pod_secret("b", true)));
+        index.apply(watcher::Event::<SecretMeta>::InitDone);
+        assert_eq!(index.unadopted("ns"), 1);
+        index.created("ns", "c");
+        assert_eq!(index.unadopted("ns"), 2);
+        assert!(index.contains("ns", "c"));
+        index.apply(watcher::Event::Apply(pod_secret("a", true)));
+        index.apply(watcher::Event::Delete(pod_secret("c", false)));
+        assert_eq!(index.unadopted("ns"), 0);
+        assert_eq!(index.unadopted("other"), 0);
+    }
+
     #[test]
     fn damaged_sealed_values_are_cached_as_errors() {
         let index = SecretIndex::default();
@@ -372,7 +485,7 @@ mod tests {
         index.replace_all(CachedSecret::from_object(&bad));
         assert!(matches!(
             index.owner_secrets("ns", "alice")[0].sealed,
-            Some(Err(CryptoError::InvalidBase64 { field: "nonce" }))
+            Some(Err(SealedError::InvalidBase64 { field: "nonce" }))
         ));
     }
 }

@@ -8,7 +8,7 @@ use kube::api::ObjectMeta;
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use crate::crypto::{Keyring, default_key_id};
+use crate::crypto::Keyring;
 
 /// File name of the keyring inside its Kubernetes Secret (and so inside the mounted volume).
 pub const KEYRING_SECRET_KEY: &str = "keyring.yaml";
@@ -64,9 +64,9 @@ pub struct InjectArgs {
     /// The requester to preview as (matters with --allowed-principals).
     #[arg(long, default_value = "preview-user")]
     pub requester: String,
-    /// Principals allowed to create sandbox pods, as for `run`.
-    #[arg(long, value_delimiter = ',')]
-    pub allowed_principals: Vec<String>,
+    /// The admission policy, as for `run` (the same flags and environment variables).
+    #[command(flatten)]
+    pub policy: crate::run::PolicyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +180,13 @@ pub struct GenerateArgs {
     pub no_promote: bool,
     #[command(flatten)]
     pub output: KeyringOutput,
+}
+
+/// A default id for a new key: `kek-YYYYMMDD-HHMMSS` (UTC), sortable by creation time.
+pub fn default_key_id() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("kek-%Y%m%d-%H%M%S")
+        .to_string()
 }
 
 /// Run the parsed command.
@@ -321,7 +328,7 @@ async fn inject(args: InjectArgs) -> anyhow::Result<()> {
         keyring,
         namespace,
         requester,
-        allowed_principals,
+        policy,
     } = args;
     let text = if file.as_os_str() == "-" {
         let mut text = String::new();
@@ -358,15 +365,17 @@ async fn inject(args: InjectArgs) -> anyhow::Result<()> {
         }
     };
     crate::tools::inject::prepare(&mut objects, &keyring, &namespace)?;
-    let policy = crate::webhook::Policy {
-        allowed_principals: allowed_principals
-            .iter()
-            .filter_map(|p| crate::webhook::Principal::parse(p))
-            .collect(),
-        ..crate::webhook::Policy::default()
-    };
+    let policy = policy.policy(None)?;
     let preview = crate::tools::inject::preview(pod, &objects, &keyring, &policy, &requester)?;
     eprintln!("{}", preview.summary);
     print!("{}", preview.pod_yaml);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_key_ids_are_valid() {
+        assert!(crate::crypto::valid_key_id(&super::default_key_id()));
+    }
 }

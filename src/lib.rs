@@ -8,5 +8,7 @@ pub mod controller;
 pub mod crypto;
 pub mod run;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tools;
 pub mod webhook;

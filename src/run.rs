@@ -19,7 +19,7 @@ use crate::controller::lease::Elector;
 use crate::crypto::KeyringHandle;
 use crate::telemetry::{LogFormat, Metrics};
 use crate::webhook::server::{AppState, KubeSecretWriter};
-use crate::webhook::{Policy, Principal, server};
+use crate::webhook::{OwnerBinding, Policy, Principal, server};
 
 /// Flags of `agentsecrets run`. Every flag has an environment variable fallback.
 #[derive(Debug, Clone, Args)]
@@ -55,22 +55,8 @@ pub struct RunArgs {
         default_value = "/etc/agentsecrets/keyring/keyring.yaml"
     )]
     pub keyring: PathBuf,
-    /// Principals allowed to create sandbox pods: usernames (e.g.
-    /// `system:serviceaccount:sandboxes:orchestrator`) or `group:NAME`, comma-separated.
-    /// Empty: anyone who may create pods in the namespace. Set it for shared namespaces.
-    #[arg(long, env = "AGENTSECRETS_ALLOWED_PRINCIPALS", value_delimiter = ',')]
-    pub allowed_principals: Vec<String>,
-    /// Env names refused in addition to the built-in reserved ones, comma-separated.
-    #[arg(long, env = "AGENTSECRETS_RESERVED_ENV_NAMES", value_delimiter = ',')]
-    pub reserved_env_names: Vec<String>,
-    /// Namespaces whose pods are never injected, comma-separated.
-    #[arg(
-        long,
-        env = "AGENTSECRETS_EXCLUDED_NAMESPACES",
-        value_delimiter = ',',
-        default_value = "kube-system"
-    )]
-    pub excluded_namespaces: Vec<String>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Delete a pod-scoped Secret whose pod has not appeared after this long.
     #[arg(long, env = "AGENTSECRETS_POD_SECRET_GRACE", default_value = "5m", value_parser = parse_duration)]
     pub pod_secret_grace: Duration,
@@ -112,6 +98,105 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
+/// The admission policy's flags, shared by `run` and the offline `inject` preview so that both
+/// decide alike.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// Principals allowed to create sandbox pods: usernames (e.g.
+    /// `system:serviceaccount:sandboxes:orchestrator`) or `group:NAME`, comma-separated.
+    /// Empty: anyone who may create pods in the namespace. Set it for shared namespaces.
+    #[arg(long, env = "AGENTSECRETS_ALLOWED_PRINCIPALS", value_delimiter = ',')]
+    pub allowed_principals: Vec<String>,
+    /// Env names refused in addition to the built-in reserved ones, comma-separated.
+    #[arg(long, env = "AGENTSECRETS_RESERVED_ENV_NAMES", value_delimiter = ',')]
+    pub reserved_env_names: Vec<String>,
+    /// Namespaces whose pods are never injected, comma-separated.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_EXCLUDED_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub excluded_namespaces: Vec<String>,
+    /// The AgentSecret owner `bob` is the user `<prefix>bob` (e.g. `oidc:` when the API server
+    /// prefixes usernames).
+    #[arg(long, env = "AGENTSECRETS_OWNER_USERNAME_PREFIX", default_value = "")]
+    pub owner_username_prefix: String,
+    /// Members of the group `<prefix>bob` act as the owner `bob`; empty: no group ownership.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_OWNER_GROUP_PREFIX",
+        default_value = crate::webhook::DEFAULT_OWNER_GROUP_PREFIX
+    )]
+    pub owner_group_prefix: String,
+    /// Principals that may write any owner's AgentSecrets (the platform's backend acting for
+    /// users): usernames or `group:NAME`, comma-separated.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_SECRET_ADMINISTRATORS",
+        value_delimiter = ','
+    )]
+    pub secret_administrators: Vec<String>,
+    /// Most pod-scoped Secrets per namespace that may wait for their pod; beyond it sandbox
+    /// pods are refused until pods adopt theirs.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_MAX_UNADOPTED_POD_SECRETS",
+        default_value_t = crate::webhook::DEFAULT_MAX_UNADOPTED_POD_SECRETS
+    )]
+    pub max_unadopted_pod_secrets: usize,
+}
+
+fn principals(flag: &str, entries: &[String]) -> anyhow::Result<Vec<Principal>> {
+    entries
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| Principal::parse(p).with_context(|| format!("--{flag}: invalid principal {p:?}")))
+        .collect()
+}
+
+fn trimmed(entries: &[String]) -> impl Iterator<Item = String> + '_ {
+    entries
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl PolicyArgs {
+    /// The admission policy these flags describe; `operator` is the operator's own username.
+    pub fn policy(&self, operator: Option<String>) -> anyhow::Result<Policy> {
+        let Self {
+            allowed_principals,
+            reserved_env_names,
+            excluded_namespaces,
+            owner_username_prefix,
+            owner_group_prefix,
+            secret_administrators,
+            max_unadopted_pod_secrets,
+        } = self;
+        Ok(Policy {
+            allowed_principals: principals("allowed-principals", allowed_principals)?,
+            extra_reserved_env_names: trimmed(reserved_env_names).collect(),
+            excluded_namespaces: trimmed(excluded_namespaces).collect(),
+            owner_binding: OwnerBinding {
+                username_prefix: owner_username_prefix.clone(),
+                group_prefix: owner_group_prefix.clone(),
+                administrators: principals("secret-administrators", secret_administrators)?,
+                operator,
+            },
+            max_unadopted_pod_secrets: *max_unadopted_pod_secrets,
+        })
+    }
+}
+
+/// The operator's own username, from the downward API (`POD_NAMESPACE`, and
+/// `POD_SERVICE_ACCOUNT` from `spec.serviceAccountName`).
+pub fn operator_username() -> Option<String> {
+    let namespace = std::env::var("POD_NAMESPACE").ok()?;
+    let account = std::env::var("POD_SERVICE_ACCOUNT").ok()?;
+    Some(format!("system:serviceaccount:{namespace}:{account}"))
+}
+
 /// Parse `300ms`, `15s`, `5m`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -146,33 +231,6 @@ pub fn parse_synthetic(text: &str) -> Result<(usize, usize), String> {
             .map_err(|_| format!("{text:?} is not OWNERSxSECRETS, e.g. 5000x20"))
     };
     Ok((parse(owners)?, parse(secrets)?))
-}
-
-impl RunArgs {
-    /// The admission policy these flags describe.
-    pub fn policy(&self) -> anyhow::Result<Policy> {
-        let allowed_principals = self
-            .allowed_principals
-            .iter()
-            .filter(|p| !p.trim().is_empty())
-            .map(|p| Principal::parse(p).with_context(|| format!("invalid principal {p:?}")))
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Policy {
-            allowed_principals,
-            extra_reserved_env_names: self
-                .reserved_env_names
-                .iter()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect(),
-            excluded_namespaces: self
-                .excluded_namespaces
-                .iter()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect(),
-        })
-    }
 }
 
 /// Resolve on SIGTERM or Ctrl-C.
@@ -220,6 +278,31 @@ pub async fn watch_agentsecrets(
     }
 }
 
+/// Feed the pod-scoped Secret index from a metadata-only watch (values are never read) until
+/// `stop` is cancelled.
+pub async fn watch_pod_secrets(
+    client: kube::Client,
+    index: Arc<crate::cache::PodSecretIndex>,
+    stop: CancellationToken,
+) {
+    use crate::api::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, POD_SCOPED_LABEL};
+    let selector = format!("{POD_SCOPED_LABEL}=true,{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
+    let api =
+        kube::Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(client);
+    let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    tokio::pin!(stream);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            event = stream.next() => match event {
+                Some(Ok(event)) => index.apply(event),
+                Some(Err(error)) => tracing::warn!(%error, "pod-scoped Secret watch failed; retrying"),
+                None => return,
+            },
+        }
+    }
+}
+
 /// Wait for leadership, then run the controllers until shutdown or until leadership is lost
 /// (the elector then fails, which stops the process).
 async fn run_controller_while_leader(
@@ -253,9 +336,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tls_cert,
         tls_key,
         keyring,
-        allowed_principals: _,
-        reserved_env_names: _,
-        excluded_namespaces: _,
+        policy,
         pod_secret_grace,
         rotation_rate,
         lease_name,
@@ -270,7 +351,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("agentsecrets-{}", std::process::id()));
     crate::telemetry::init_logging(log_format);
-    let policy = Arc::new(args.policy()?);
+    let policy = Arc::new(policy.policy(operator_username())?);
     if policy.allowed_principals.is_empty() {
         tracing::warn!(
             "no --allowed-principals: anyone who may create pods can label one for any owner in their namespace"
@@ -304,6 +385,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let keyring_handle = KeyringHandle::default();
     let index = Arc::new(SecretIndex::default());
     let metrics = Arc::new(Metrics::default());
+    let pod_secrets = Arc::new(crate::cache::PodSecretIndex::default());
     if let Some((owners, per_owner)) = bench_synthetic_cache {
         let ring = crate::crypto::Keyring::load(&keyring)?;
         index.replace_all(crate::cache::synthetic(&ring, "bench", owners, per_owner)?);
@@ -325,6 +407,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         policy,
         writer,
         metrics,
+        pod_secrets: pod_secrets.clone(),
     };
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -356,6 +439,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let stop = stop.clone();
         tasks.spawn(async move {
             watch_agentsecrets(client, index, stop).await;
+            Ok(())
+        });
+    }
+    if let Some(client) = client.clone() {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            watch_pod_secrets(client, pod_secrets, stop).await;
             Ok(())
         });
     }

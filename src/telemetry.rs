@@ -101,7 +101,7 @@ impl Default for Metrics {
         let pod_secrets_created = Family::<ResultLabels, Counter>::default();
         registry.register(
             "pod_secrets_created",
-            "Pod-scoped Secrets created at admission, by result",
+            "Pod-scoped Secrets at admission, by result: created, reused (a reinvoked admission), failed, limited (too many wait for their pods)",
             pod_secrets_created.clone(),
         );
         let keyring_keys = Gauge::default();

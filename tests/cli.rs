@@ -43,9 +43,7 @@ fn inject_previews_the_sample_pod_with_references_only() {
     );
     let all = format!("{pod}{}", stderr(&output));
     assert!(!all.contains("sample-"), "no sample value printed: {all}");
-    assert!(
-        stderr(&output).contains("admission would create Secret sandboxes/sandbox-alice-asec-")
-    );
+    assert!(stderr(&output).contains("admission would create Secret sandboxes/asec-pod-"));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! exact requests the reconcile makes, in order, and answers them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use agent_secrets::api::{AgentSecret, AgentSecretSpec, SecretString};
+use agent_secrets::api::{AgentSecret, SecretString};
 use agent_secrets::cache::SecretIndex;
 use agent_secrets::controller::{Context, agentsecret, podsecret};
 use agent_secrets::crypto::{Keyring, KeyringHandle, SealContext};
@@ -112,18 +112,16 @@ fn event_expectation(reason: &'static str, event_type: &'static str) -> Expect {
 const OBJECT_PATH: &str = "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token?";
 const STATUS_PATH: &str = "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token/status?&force=true&fieldManager=agent-secrets";
 
+const CTX: SealContext<'static> = SealContext {
+    namespace: "ns",
+    owner: "alice",
+    env_name: "TOKEN",
+    constraints: "",
+};
+
 fn agent_secret(keyring: &Keyring) -> AgentSecret {
-    let mut object = AgentSecret::new(
-        "token",
-        AgentSecretSpec {
-            owner: "alice".into(),
-            env_name: "TOKEN".into(),
-            description: None,
-            value: None,
-            sealed: Some(keyring.seal(b"v", SealContext::new("ns", "alice")).unwrap()),
-        },
-    );
-    object.metadata.namespace = Some("ns".into());
+    let mut object =
+        agent_secrets::testing::agent_secret("ns", "token", "alice", "TOKEN", keyring, "v");
     object.metadata.generation = Some(2);
     object.metadata.resource_version = Some("41".into());
     object
@@ -157,10 +155,9 @@ async fn stray_plaintext_is_sealed_then_status_and_a_warning_event_are_written()
                 body["spec"]["value"].is_null(),
                 "merge patch removes the plaintext"
             );
-            let sealed = serde_json::from_value(body["spec"]["sealed"].clone()).unwrap();
-            let opened = check_ring
-                .open(&sealed, SealContext::new("ns", "alice"))
-                .unwrap();
+            let sealed: agent_secrets::api::SealedValue =
+                serde_json::from_value(body["spec"]["sealed"].clone()).unwrap();
+            let opened = sealed.open(&check_ring, CTX).unwrap();
             assert_eq!(opened.expose(), b"canary-stray-value");
             assert!(!body.to_string().contains("canary-stray-value"));
         }),
@@ -192,13 +189,7 @@ async fn a_rotation_rewraps_under_the_primary_key() {
                 serde_json::from_value(body["spec"]["sealed"].clone()).unwrap();
             assert_eq!(sealed.key_id, "k2");
             assert_eq!(sealed.ciphertext, old.ciphertext, "no data re-encryption");
-            assert_eq!(
-                check_ring
-                    .open(&sealed, SealContext::new("ns", "alice"))
-                    .unwrap()
-                    .expose(),
-                b"v"
-            );
+            assert_eq!(sealed.open(&check_ring, CTX).unwrap().expose(), b"v");
         }),
         expect(Method::PATCH, STATUS_PATH, reply, |body| {
             assert_eq!(body["status"]["conditions"][0]["reason"], "Sealed");

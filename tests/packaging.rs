@@ -56,7 +56,11 @@ fn manifest_container_args_are_accepted_by_the_binary() {
     };
     assert_eq!(run.webhook_addr.port(), 8443);
     assert_eq!(run.admin_addr.port(), 8080);
-    assert!(run.excluded_namespaces.contains(&"kube-system".to_owned()));
+    assert!(
+        run.policy
+            .excluded_namespaces
+            .contains(&"kube-system".to_owned())
+    );
     // Probes hit the admin port the binary serves them on.
     let probe_port = &container["readinessProbe"]["httpGet"]["port"];
     let ports = container["ports"].as_sequence().unwrap();

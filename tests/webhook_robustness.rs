@@ -97,18 +97,21 @@ fn alice_values() -> BTreeMap<String, String> {
 fn seal_old_object(review: &mut Value, keyring: &Keyring, value: &str) {
     let old = &mut review["request"]["oldObject"];
     let owner = old["spec"]["owner"].as_str().unwrap().to_owned();
+    let env_name = old["spec"]["envName"].as_str().unwrap().to_owned();
     let spec = old["spec"].as_object_mut().unwrap();
     spec.remove("value");
-    let sealed = keyring
-        .seal(value.as_bytes(), SealContext::new(NAMESPACE, &owner))
-        .unwrap();
+    let sealed = agent_secrets::testing::sealed(keyring, NAMESPACE, &owner, &env_name, value);
     spec.insert("sealed".into(), serde_json::to_value(sealed).unwrap());
 }
 
 /// The server still answers genuine reviews correctly: a sandbox pod gets exactly alice's
 /// secrets, and an AgentSecret create is sealed.
 async fn assert_still_serving(server: &TestServer, after: &str) {
-    let (path, review) = fixture("pod_create_named.json");
+    // A new admission each time (a new uid), so each makes its own pod-scoped Secret.
+    static ADMISSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = ADMISSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (path, mut review) = fixture("pod_create_named.json");
+    review["request"]["uid"] = json!(format!("5e0e0e0e-0000-4000-8000-{n:012}"));
     let before = server.created().len();
     let answer = server.review(&path, &review).await;
     assert_eq!(
@@ -135,10 +138,14 @@ async fn assert_still_serving(server: &TestServer, after: &str) {
     assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
     let stored = patched(&review["request"]["object"], &answer);
     assert!(stored["spec"].get("value").is_none(), "after {after}");
-    let sealed = serde_json::from_value(stored["spec"]["sealed"].clone()).unwrap();
-    let plain = server
-        .keyring
-        .open(&sealed, SealContext::new(NAMESPACE, "bob"))
+    let sealed: agent_secrets::api::SealedValue =
+        serde_json::from_value(stored["spec"]["sealed"].clone()).unwrap();
+    let env_name = stored["spec"]["envName"].as_str().unwrap();
+    let plain = sealed
+        .open(
+            &server.keyring,
+            SealContext::new(NAMESPACE, "bob", env_name),
+        )
         .unwrap();
     assert_eq!(plain.expose(), b"fixture-plaintext-pg", "after {after}");
 }
@@ -176,7 +183,7 @@ fn to_body(review: &Value) -> Vec<u8> {
 #[tokio::test]
 async fn bad_input_is_answered_clearly_and_the_server_keeps_serving() {
     capture_logs();
-    let server = TestServer::start(Policy::default()).await;
+    let server = TestServer::start(fixture_policy()).await;
     assert_still_serving(&server, "start").await;
 
     // Not JSON at all.
@@ -352,7 +359,7 @@ fn oversized_body(uid: Option<&str>) -> Vec<u8> {
 #[tokio::test]
 async fn an_oversized_body_is_refused_with_its_uid_and_the_server_keeps_serving() {
     capture_logs();
-    let server = TestServer::start(Policy::default()).await;
+    let server = TestServer::start(fixture_policy()).await;
     let uid = "0b6f3c58-5b1e-4d8e-9a61-9a0d0f3b2c11";
     for path in ["/mutate/pods", "/mutate/agentsecrets"] {
         let (status, answer) = server.post(path, oversized_body(Some(uid))).await;
@@ -494,7 +501,7 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
         &keyring,
         LEAK_CAROL_B,
     ));
-    let server = TestServer::start_with(Policy::default(), keyring, secrets).await;
+    let server = TestServer::start_with(fixture_policy(), keyring, secrets).await;
     let mut exposed = Exposed::default();
 
     // AgentSecret writes of every shape, each with its own canary.
@@ -643,11 +650,11 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
         json!({"agentsecrets.io/secrets": "CAROL_A,NOPE"});
     let answer = exposed.review(&server, &pod_path, &missing).await;
     assert_eq!(answer["response"]["allowed"], false);
-    assert!(message(&answer).ends_with("NOPE"), "{answer}");
+    assert!(message(&answer).ends_with("\"NOPE\""), "{answer}");
     let strict = TestServer::start_with(
         Policy {
             allowed_principals: vec![Principal::parse("group:sandbox-orchestrators").unwrap()],
-            ..Policy::default()
+            ..fixture_policy()
         },
         Keyring::from_yaml(&server.keyring.to_yaml().unwrap()).unwrap(),
         vec![agent_secret(
@@ -732,7 +739,7 @@ async fn a_rotated_certificate_is_served_without_dropping_open_connections() {
     let keyring = Keyring::generate("test-kek").unwrap();
     let secrets = standard_secrets(&keyring);
     let server = TestServer::start_with_tls(
-        Policy::default(),
+        fixture_policy(),
         keyring,
         secrets,
         tls.clone(),
@@ -806,7 +813,7 @@ async fn a_rotated_certificate_is_served_without_dropping_open_connections() {
 #[tokio::test]
 async fn shutdown_finishes_the_review_in_flight_then_refuses_connections() {
     capture_logs();
-    let server = TestServer::start(Policy::default()).await;
+    let server = TestServer::start(fixture_policy()).await;
     *server.writer.delay.lock().unwrap() = Some(Duration::from_millis(300));
     let (path, review) = fixture("pod_create_named.json");
     let mut client = server.client().await;
@@ -850,7 +857,7 @@ async fn shutdown_finishes_the_review_in_flight_then_refuses_connections() {
 #[tokio::test]
 async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
     capture_logs();
-    let server = TestServer::start(Policy::default()).await;
+    let server = TestServer::start(fixture_policy()).await;
     let (path, review) = fixture("pod_update_label.json");
     let mut idle = server.client().await;
     let (status, _) = idle.post(&path, to_body(&review)).await;
@@ -871,9 +878,10 @@ fn admin_state(keyring: KeyringHandle, index: Arc<SecretIndex>) -> AppState {
     AppState {
         keyring,
         index,
-        policy: Arc::new(Policy::default()),
+        policy: Arc::new(fixture_policy()),
         writer: Arc::new(RecordingWriter::default()),
         metrics: Arc::new(Metrics::default()),
+        pod_secrets: Arc::default(),
     }
 }
 
@@ -920,7 +928,7 @@ async fn readiness_needs_a_synced_cache_and_a_keyring() {
 #[tokio::test]
 async fn metrics_count_reviews_by_kind_operation_and_decision() {
     capture_logs();
-    let server = TestServer::start(Policy::default()).await;
+    let server = TestServer::start(fixture_policy()).await;
     for file in [
         "pod_create_named.json",
         "pod_create_server_dry_run.json",
@@ -1039,7 +1047,7 @@ async fn concurrent_pod_reviews_get_independent_answers() {
             &value(i, "db"),
         ));
     }
-    let server = Arc::new(TestServer::start_with(Policy::default(), keyring, secrets).await);
+    let server = Arc::new(TestServer::start_with(fixture_policy(), keyring, secrets).await);
     // Each review waits on its Secret creation, so they overlap.
     *server.writer.delay.lock().unwrap() = Some(Duration::from_millis(50));
 
@@ -1070,9 +1078,12 @@ async fn concurrent_pod_reviews_get_independent_answers() {
         assert_eq!(answer["response"]["allowed"], true, "{answer}");
         let pod = patched(&review["request"]["object"], &answer);
         let secret_name = annotation(&pod, "agentsecrets.io/secret-name").to_owned();
-        assert!(
-            secret_name.starts_with(&format!("sandbox-user-{i:02}-asec-")),
-            "{secret_name}"
+        assert_eq!(
+            secret_name,
+            agent_secrets::webhook::pod::pod_secret_name(
+                review["request"]["uid"].as_str().unwrap()
+            ),
+            "pod {i}"
         );
         assert!(
             names.insert(secret_name.clone()),

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Context, Error};
-use crate::api::{AgentSecret, AgentSecretStatus, FIELD_MANAGER, SealedValue};
-use crate::crypto::{CryptoError, Keyring, SealContext};
+use crate::api::{AgentSecret, AgentSecretStatus, FIELD_MANAGER, SealedError, SealedValue};
+use crate::crypto::{CryptoError, Format, Keyring};
 
 /// Type of the condition that says whether a secret is injectable.
 pub const READY: &str = "Ready";
@@ -86,6 +86,9 @@ pub enum SpecChange {
     SealPlaintext(SealedValue),
     /// Re-wrapped data key under the primary KEK (same ciphertext).
     Rewrap { from: String, sealed: SealedValue },
+    /// A value of the first sealed format (bound to namespace and owner only) sealed again in
+    /// the current one, which binds its env name and seal time too.
+    Reseal(SealedValue),
 }
 
 /// What a reconcile of one AgentSecret does.
@@ -105,37 +108,49 @@ pub fn plan(
 ) -> Plan {
     let namespace = object.namespace().unwrap_or_default();
     let spec = &object.spec;
-    let ctx = SealContext::new(&namespace, &spec.owner);
+    let ctx = spec.seal_context(&namespace);
     let mut spec_change = None;
 
     let readiness = match keyring {
         None => Readiness::NoKeyring,
         Some(keyring) => match (&spec.value, &spec.sealed) {
-            (Some(value), _) => match keyring.seal(value.expose().as_bytes(), ctx) {
-                Ok(sealed) => {
-                    spec_change = Some(SpecChange::SealPlaintext(sealed));
-                    Readiness::PlaintextFound
+            (Some(value), _) => {
+                match keyring.seal(value.expose().as_bytes(), ctx, now.as_second()) {
+                    Ok(sealed) => {
+                        spec_change = Some(SpecChange::SealPlaintext(SealedValue::encode(&sealed)));
+                        Readiness::PlaintextFound
+                    }
+                    Err(e) => Readiness::Damaged(e.to_string()),
                 }
-                Err(e) => Readiness::Damaged(e.to_string()),
-            },
+            }
             (None, None) => Readiness::NotSealed,
-            (None, Some(sealed)) => match keyring.open(sealed, ctx) {
-                Err(CryptoError::UnknownKeyId(id)) => Readiness::KeyMissing(id),
+            (None, Some(sealed)) => match sealed.decode() {
                 Err(e) => Readiness::Damaged(e.to_string()),
-                Ok(_) => {
-                    if sealed.key_id != keyring.primary_id()
-                        && let Ok(rewrapped) = keyring.rewrap(sealed)
-                    {
-                        spec_change = Some(SpecChange::Rewrap {
-                            from: sealed.key_id.clone(),
-                            sealed: rewrapped,
-                        });
+                Ok(envelope) => match keyring.open(&envelope, ctx) {
+                    Err(CryptoError::UnknownKeyId(id)) => Readiness::KeyMissing(id),
+                    Err(e) => Readiness::Damaged(SealedError::from(e).to_string()),
+                    Ok(_) => {
+                        if envelope.format == Format::V1 {
+                            if let Ok(resealed) =
+                                keyring.reseal(&envelope, ctx, ctx, now.as_second())
+                            {
+                                spec_change =
+                                    Some(SpecChange::Reseal(SealedValue::encode(&resealed)));
+                            }
+                        } else if envelope.key_id != keyring.primary_id()
+                            && let Ok(rewrapped) = keyring.rewrap(&envelope)
+                        {
+                            spec_change = Some(SpecChange::Rewrap {
+                                from: envelope.key_id.clone(),
+                                sealed: SealedValue::encode(&rewrapped),
+                            });
+                        }
+                        match duplicate_of {
+                            Some(other) => Readiness::DuplicateEnvName(other),
+                            None => Readiness::Ready,
+                        }
                     }
-                    match duplicate_of {
-                        Some(other) => Readiness::DuplicateEnvName(other),
-                        None => Readiness::Ready,
-                    }
-                }
+                },
             },
         },
     };
@@ -184,6 +199,14 @@ pub fn event_for(object: &AgentSecret, plan: &Plan) -> Option<Event> {
             "Rewrapped",
             format!("data key re-wrapped from key {from:?} to the primary key {:?}", sealed.key_id),
         ),
+        Some(SpecChange::Reseal(sealed)) => (
+            EventType::Normal,
+            "Resealed",
+            format!(
+                "value re-sealed in the current format (bound to its env name and seal time) under key {:?}",
+                sealed.key_id
+            ),
+        ),
         None => {
             let previous_reason = object
                 .status
@@ -228,10 +251,6 @@ fn next_action(readiness: &Readiness) -> Action {
     }
 }
 
-fn status_changed(current: Option<&AgentSecretStatus>, new: &AgentSecretStatus) -> bool {
-    current != Some(new)
-}
-
 /// Reconcile one AgentSecret.
 pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_default();
@@ -245,7 +264,7 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
 
     if let Some(change) = &plan.spec_change {
         let sealed = match change {
-            SpecChange::SealPlaintext(sealed) => sealed,
+            SpecChange::SealPlaintext(sealed) | SpecChange::Reseal(sealed) => sealed,
             SpecChange::Rewrap { sealed, .. } => {
                 ctx.rewrap_limiter.acquire().await;
                 sealed
@@ -272,7 +291,7 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
         result.map_err(Error::Kube)?;
     }
 
-    if status_changed(object.status.as_ref(), &plan.status) {
+    if object.status.as_ref() != Some(&plan.status) {
         let patch = json!({
             "apiVersion": "agentsecrets.io/v1alpha1",
             "kind": "AgentSecret",
@@ -306,24 +325,23 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AgentSecretSpec, SecretString};
+    use crate::api::SecretString;
+    use crate::crypto::SealContext;
+    use crate::testing::{self, SEALED_AT};
 
     fn at(seconds: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+        Timestamp::from_second(SEALED_AT + seconds).unwrap()
     }
 
+    const CTX: SealContext<'static> = SealContext {
+        namespace: "ns",
+        owner: "alice",
+        env_name: "TOKEN",
+        constraints: "",
+    };
+
     fn object(keyring: &Keyring) -> AgentSecret {
-        let mut object = AgentSecret::new(
-            "token",
-            AgentSecretSpec {
-                owner: "alice".into(),
-                env_name: "TOKEN".into(),
-                description: None,
-                value: None,
-                sealed: Some(keyring.seal(b"v", SealContext::new("ns", "alice")).unwrap()),
-            },
-        );
-        object.metadata.namespace = Some("ns".into());
+        let mut object = testing::agent_secret("ns", "token", "alice", "TOKEN", keyring, "v");
         object.metadata.generation = Some(4);
         object
     }
@@ -365,9 +383,7 @@ mod tests {
         let Some(SpecChange::SealPlaintext(sealed)) = &plan.spec_change else {
             panic!("expected sealing, got {:?}", plan.spec_change);
         };
-        let opened = keyring
-            .open(sealed, SealContext::new("ns", "alice"))
-            .unwrap();
+        let opened = sealed.open(&keyring, CTX).unwrap();
         assert_eq!(opened.expose(), b"canary-stray-plaintext");
         let event = event_for(&object, &plan).unwrap();
         assert_eq!(event.type_, EventType::Warning);
@@ -397,13 +413,7 @@ mod tests {
             (&sealed.ciphertext, &sealed.nonce),
             (&old.ciphertext, &old.nonce)
         );
-        assert_eq!(
-            keyring
-                .open(sealed, SealContext::new("ns", "alice"))
-                .unwrap()
-                .expose(),
-            b"v"
-        );
+        assert_eq!(sealed.open(&keyring, CTX).unwrap().expose(), b"v");
         assert_eq!(event_for(&object, &plan).unwrap().reason, "Rewrapped");
     }
 
@@ -427,11 +437,13 @@ mod tests {
         let keyring = keyring();
         let mut object = object(&keyring);
         // Sealed for another namespace: does not open here.
-        object.spec.sealed = Some(
-            keyring
-                .seal(b"v", SealContext::new("elsewhere", "alice"))
-                .unwrap(),
-        );
+        object.spec.sealed = Some(testing::sealed(
+            &keyring,
+            "elsewhere",
+            "alice",
+            "TOKEN",
+            "v",
+        ));
         let plan = plan(&object, Some(&keyring), None, at(0));
         assert!(
             matches!(plan.readiness, Readiness::Damaged(_)),
@@ -439,6 +451,66 @@ mod tests {
             plan.readiness
         );
         assert_eq!(plan.status.conditions[0].reason, "Damaged");
+    }
+
+    #[test]
+    fn a_value_copied_from_another_env_name_of_the_owner_is_damaged() {
+        let keyring = keyring();
+        let mut object = object(&keyring);
+        object.spec.sealed = Some(testing::sealed(&keyring, "ns", "alice", "DB_PASSWORD", "v"));
+        let plan = plan(&object, Some(&keyring), None, at(0));
+        assert!(
+            matches!(plan.readiness, Readiness::Damaged(_)),
+            "{:?}",
+            plan.readiness
+        );
+        assert_eq!(plan.spec_change, None);
+    }
+
+    #[test]
+    fn a_value_of_the_first_format_is_resealed_in_the_current_one() {
+        let keyring = keyring();
+        let mut object = object(&keyring);
+        object.spec.sealed = Some(first_format_sealed(&keyring));
+        let plan = plan(&object, Some(&keyring), None, at(30));
+        assert_eq!(plan.readiness, Readiness::Ready);
+        let Some(SpecChange::Reseal(sealed)) = &plan.spec_change else {
+            panic!("expected a re-seal, got {:?}", plan.spec_change);
+        };
+        assert_eq!(sealed.format, Some(2));
+        assert_eq!(sealed.open(&keyring, CTX).unwrap().expose(), b"legacy");
+        assert_eq!(event_for(&object, &plan).unwrap().reason, "Resealed");
+    }
+
+    /// A value as the first release sealed it: associated data of namespace and owner only.
+    fn first_format_sealed(keyring: &Keyring) -> crate::api::SealedValue {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        // Seal a throwaway value to get a data key wrapped under the keyring's primary, then
+        // replace the ciphertext with one made under the first format's associated data.
+        let mut envelope = keyring.seal(b"x", CTX, SEALED_AT).unwrap();
+        let mut dek = [0u8; 32];
+        let kek = keyring.kek(keyring.primary_id()).unwrap();
+        kek.wrap
+            .unwrap_key(&envelope.wrapped_key, &mut dek)
+            .unwrap();
+        let mut aad = b"agentsecrets.io/v1alpha1/AgentSecret\0".to_vec();
+        for field in ["ns", "alice"] {
+            aad.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            aad.extend_from_slice(field.as_bytes());
+        }
+        let cipher = aes_gcm::Aes256Gcm::new(&dek.into());
+        envelope.ciphertext = cipher
+            .encrypt(
+                &envelope.nonce.into(),
+                Payload {
+                    msg: b"legacy",
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        envelope.format = crate::crypto::Format::V1;
+        envelope.sealed_at = None;
+        crate::api::SealedValue::encode(&envelope)
     }
 
     #[test]

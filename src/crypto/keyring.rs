@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::Path;
 use zeroize::Zeroizing;
 
-use crate::api::SecretString;
+use super::SecretString;
 
 /// Length of a KEK in bytes (AES-256).
 pub const KEK_LEN: usize = 32;
@@ -35,14 +35,19 @@ pub enum KeyringError {
     MissingPrimary,
     #[error("keyring has no keys")]
     NoKeys,
-    #[error("keyring primary {0:?} is not among its keys")]
-    UnknownPrimary(String),
+    // Neither the primary nor an invalid id is echoed: a file whose id and key were swapped
+    // would otherwise print a key.
+    #[error("the keyring's primary is not among its keys (key ids: {known})")]
+    UnknownPrimary { known: String },
+    /// A key named on the command line (not read from a file, so safe to echo).
+    #[error("keyring key {id:?} is not among its keys (key ids: {known})")]
+    NoSuchKey { id: String, known: String },
     #[error("keyring lists key id {0:?} more than once")]
     DuplicateId(String),
     #[error(
-        "keyring key id {0:?} is invalid: use 1-63 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+        "keyring key id #{position} is invalid: use 1-63 characters of A-Z, a-z, 0-9, '.', '_' and '-' (are the id and the key swapped?)"
     )]
-    InvalidId(String),
+    InvalidId { position: usize },
     #[error("keyring key {id:?} is not valid base64")]
     InvalidKeyEncoding { id: String },
     #[error(
@@ -92,7 +97,8 @@ struct KeyEntry {
     key: SecretString,
 }
 
-fn valid_key_id(id: &str) -> bool {
+/// Whether `id` may name a key: 1-63 characters of A-Z, a-z, 0-9, `.`, `_` and `-`.
+pub fn valid_key_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 63
         && id
@@ -118,9 +124,9 @@ impl Keyring {
             return Err(KeyringError::NoKeys);
         }
         let mut keys = BTreeMap::new();
-        for entry in &file.keys {
+        for (i, entry) in file.keys.iter().enumerate() {
             if !valid_key_id(&entry.id) {
-                return Err(KeyringError::InvalidId(entry.id.chars().take(64).collect()));
+                return Err(KeyringError::InvalidId { position: i + 1 });
             }
             if keys.contains_key(&entry.id) {
                 return Err(KeyringError::DuplicateId(entry.id.clone()));
@@ -142,7 +148,9 @@ impl Keyring {
             keys.insert(entry.id.clone(), Kek::new(Zeroizing::new(material)));
         }
         if !keys.contains_key(&primary) {
-            return Err(KeyringError::UnknownPrimary(primary));
+            return Err(KeyringError::UnknownPrimary {
+                known: keys.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
         }
         Ok(Self { primary, keys })
     }
@@ -181,7 +189,9 @@ impl Keyring {
     /// rotation, so that every replica can open values wrapped under it before any is.
     pub fn add_key(&mut self, id: &str) -> Result<(), KeyringError> {
         if !valid_key_id(id) {
-            return Err(KeyringError::InvalidId(id.chars().take(64).collect()));
+            return Err(KeyringError::InvalidId {
+                position: self.keys.len() + 1,
+            });
         }
         if self.keys.contains_key(id) {
             return Err(KeyringError::DuplicateId(id.to_owned()));
@@ -195,7 +205,10 @@ impl Keyring {
     /// Make an existing key the primary.
     pub fn set_primary(&mut self, id: &str) -> Result<(), KeyringError> {
         if !self.keys.contains_key(id) {
-            return Err(KeyringError::UnknownPrimary(id.to_owned()));
+            return Err(KeyringError::NoSuchKey {
+                id: id.to_owned(),
+                known: self.keys.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
         }
         self.primary = id.to_owned();
         Ok(())
@@ -250,13 +263,6 @@ impl Kek {
     }
 }
 
-/// A default id for a new key: `kek-YYYYMMDD-HHMMSS` (UTC), sortable by creation time.
-pub fn default_key_id() -> String {
-    k8s_openapi::jiff::Timestamp::now()
-        .strftime("kek-%Y%m%d-%H%M%S")
-        .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,7 +301,7 @@ mod tests {
             KeyringError::NoKeys
         ));
         assert!(
-            matches!(err(&format!("primary: z\nkeys:\n- id: a\n  key: {K1}\n")), KeyringError::UnknownPrimary(p) if p == "z")
+            matches!(err(&format!("primary: z\nkeys:\n- id: a\n  key: {K1}\n")), KeyringError::UnknownPrimary { known } if known == "a")
         );
         assert!(matches!(
             err(&format!("primary: a\nkeys:\n- id: a\n  key: {K1}\n- id: a\n  key: {K2}\n")),
@@ -313,8 +319,20 @@ mod tests {
             err(&format!(
                 "primary: 'a b'\nkeys:\n- id: 'a b'\n  key: {K1}\n"
             )),
-            KeyringError::InvalidId(_)
+            KeyringError::InvalidId { .. }
         ));
+    }
+
+    #[test]
+    fn a_keyring_with_id_and_key_swapped_does_not_print_the_key() {
+        for text in [
+            format!("primary: a\nkeys:\n- id: {K1}\n  key: a\n"),
+            format!("primary: {K1}\nkeys:\n- id: a\n  key: {K2}\n"),
+        ] {
+            let message = err(&text).to_string();
+            assert!(!message.contains(K1), "{message}");
+            assert!(!message.contains(&K1[..12]), "{message}");
+        }
     }
 
     #[test]
@@ -349,10 +367,5 @@ mod tests {
         let text = format!("{ring:?}");
         assert!(text.contains("\"a\"") && text.contains("<redacted>"));
         assert!(!text.contains(K1) && !text.contains("AAECAwQF"));
-    }
-
-    #[test]
-    fn default_key_ids_are_valid() {
-        assert!(valid_key_id(&default_key_id()));
     }
 }

@@ -8,9 +8,9 @@ use serde::Deserialize as _;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-use crate::api::AgentSecret;
+use crate::api::{AgentSecret, SealedValue};
 use crate::cache::{CachedSecret, SecretIndex};
-use crate::crypto::{Keyring, SealContext};
+use crate::crypto::Keyring;
 use crate::webhook::Policy;
 use crate::webhook::pod::{self, Decision};
 use crate::webhook::review::{PodView, Request, Review};
@@ -78,12 +78,13 @@ pub fn prepare(
             let sealed = keyring
                 .seal(
                     value.expose().as_bytes(),
-                    SealContext::new(&ns, &secret.spec.owner),
+                    secret.spec.seal_context(&ns),
+                    crate::api::now_seconds(),
                 )
                 .with_context(|| {
                     format!("failed to seal the sample value of {}", secret.name_any())
                 })?;
-            secret.spec.sealed = Some(sealed);
+            secret.spec.sealed = Some(SealedValue::encode(&sealed));
         }
     }
     Ok(())
@@ -124,11 +125,9 @@ pub fn preview(
         .ok_or_else(|| anyhow::anyhow!("the manifest is not a valid Pod"))?;
     let index = SecretIndex::default();
     index.replace_all(secrets.iter().filter_map(CachedSecret::from_object));
-    let hint = request.object.as_ref().map_or("pod", pod::pod_hint);
-    let secret_name = pod::new_secret_name(hint);
     // The patch applies to the manifest as written, every field kept.
     let mut object = pod;
-    let summary = match pod::mutate(&request, Some(keyring), &index, policy, &secret_name) {
+    let summary = match pod::mutate(&request, Some(keyring), &index, policy) {
         Decision::Allow => {
             "admitted unchanged: not a labelled pod, or its owner has no secrets here".to_owned()
         }

@@ -147,20 +147,9 @@ impl KeyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::AgentSecretSpec;
-    use crate::crypto::SealContext;
 
     fn sealed_under(keyring: &Keyring) -> AgentSecret {
-        AgentSecret::new(
-            "s",
-            AgentSecretSpec {
-                owner: "alice".into(),
-                env_name: "A".into(),
-                description: None,
-                value: None,
-                sealed: Some(keyring.seal(b"v", SealContext::new("ns", "alice")).unwrap()),
-            },
-        )
+        crate::testing::agent_secret("ns", "s", "alice", "A", keyring, "v")
     }
 
     #[test]

@@ -3,13 +3,15 @@
 use kube::ResourceExt as _;
 use serde_json::Value;
 
-use crate::api::{AgentSecret, LAST_APPLIED_ANNOTATION, SealedValue, validate_env_name};
+use crate::api::{
+    AgentSecret, LAST_APPLIED_ANNOTATION, SealedError, SealedValue, validate_env_name,
+};
 use crate::cache::SecretIndex;
-use crate::crypto::{Keyring, SealContext};
+use crate::crypto::{Format, Keyring};
 
-use super::Policy;
 use super::patch::{add, remove, replace};
 use super::review::{Operation, Request};
+use super::{Policy, quoted};
 
 /// What to do with an AgentSecret write.
 #[derive(Debug, PartialEq)]
@@ -36,6 +38,8 @@ pub enum Action {
     Kept,
     /// Only the plaintext copy in the last-applied annotation was removed.
     Scrubbed,
+    /// The envName changed: the stored value was opened and sealed for the new name.
+    Resealed,
 }
 
 impl Action {
@@ -45,6 +49,7 @@ impl Action {
             Self::Unchanged => "unchanged",
             Self::Kept => "kept",
             Self::Scrubbed => "scrubbed",
+            Self::Resealed => "resealed",
         }
     }
 }
@@ -55,15 +60,35 @@ pub fn mutate(
     keyring: Option<&Keyring>,
     index: &SecretIndex,
     policy: &Policy,
+    now: i64,
 ) -> Decision {
-    if !matches!(request.operation, Operation::Create | Operation::Update)
-        || request.sub_resource.is_some()
-    {
+    if request.sub_resource.is_some() {
         return Decision::Allow;
     }
-    let Some(object) = request.object.as_ref() else {
+    // Second line behind the owner-binding ValidatingAdmissionPolicy: nobody writes or deletes
+    // another owner's secret. The owner is immutable, so the stored one decides an update too.
+    let owned_by = match request.operation {
+        Operation::Delete => request.old_object.as_ref(),
+        Operation::Create | Operation::Update => request.object.as_ref(),
+        Operation::Connect => return Decision::Allow,
+    };
+    let Some(object) = owned_by else {
         return Decision::Deny("AgentSecret review carries no object".into());
     };
+    if !policy
+        .owner_binding
+        .permits(&request.user_info, &object.spec.owner, &request.operation)
+    {
+        return Decision::Deny(format!(
+            "{} may not {} AgentSecrets of owner {}: only the owner or a secret administrator may",
+            quoted(request.requester()),
+            verb(&request.operation),
+            quoted(&object.spec.owner),
+        ));
+    }
+    if request.operation == Operation::Delete {
+        return Decision::Allow;
+    }
     let spec = &object.spec;
     let namespace = request
         .namespace
@@ -78,95 +103,131 @@ pub fn mutate(
     if let Err(e) = validate_env_name(&spec.env_name, &policy.extra_reserved_env_names) {
         return Decision::Deny(format!("spec.envName: {e}"));
     }
+    let old = request
+        .old_object
+        .as_ref()
+        .filter(|_| request.operation == Operation::Update);
     // Checked when the name is claimed (create, or an envName change): an update of one of two
     // duplicates that raced past this check must still go through, or neither could be
     // repaired, re-wrapped or have its value changed.
-    let old_env_name = request
-        .old_object
-        .as_ref()
-        .filter(|_| request.operation == Operation::Update)
-        .map(|old| old.spec.env_name.as_str());
-    let claims_name = old_env_name != Some(spec.env_name.as_str());
+    let claims_name = old.map(|old| old.spec.env_name.as_str()) != Some(spec.env_name.as_str());
     if let Some(other) = claims_name
         .then(|| index.env_name_taken_by(&namespace, &spec.owner, &spec.env_name, &name))
         .flatten()
     {
         return Decision::Deny(format!(
-            "owner {:?} already has a secret with envName {} in namespace {namespace:?}: AgentSecret {other:?}; edit that one or choose another name",
-            spec.owner, spec.env_name
+            "owner {} already has a secret with envName {} in namespace {}: AgentSecret {}; edit that one or choose another name",
+            quoted(&spec.owner),
+            spec.env_name,
+            quoted(&namespace),
+            quoted(&other)
         ));
     }
 
-    let old_sealed = request
-        .old_object
-        .as_ref()
-        .filter(|_| request.operation == Operation::Update)
-        .and_then(|old| old.spec.sealed.as_ref());
-    let ctx = SealContext::new(&namespace, &spec.owner);
+    let ctx = spec.seal_context(&namespace);
+    let old_sealed = old.and_then(|old| old.spec.sealed.as_ref().map(|s| (old, s)));
     let value = spec
         .value
         .as_ref()
         .map(|v| v.expose())
         .filter(|v| !v.is_empty());
+    let no_keyring = |what: &str| {
+        Decision::Deny(format!(
+            "agent-secrets has no keyring loaded, so {what}; try again once the operator is ready"
+        ))
+    };
 
-    let mut ops = Vec::new();
     let action;
     let target_sealed: Option<SealedValue> = match value {
         Some(plaintext) => {
             let Some(keyring) = keyring else {
-                return Decision::Deny(
-                    "agent-secrets has no keyring loaded, so the value cannot be sealed; try again once the operator is ready".into(),
-                );
+                return no_keyring("the value cannot be sealed");
             };
             // Re-applying the same value keeps the stored sealed value, so the apply is a
             // no-op. The comparison runs in constant time.
-            let same = old_sealed.filter(|old| {
-                keyring
-                    .open(old, ctx)
-                    .is_ok_and(|stored| stored.ct_eq(plaintext.as_bytes()))
+            let same = old_sealed.filter(|(old, sealed)| {
+                old.spec.env_name == spec.env_name
+                    && sealed
+                        .open(keyring, ctx)
+                        .is_ok_and(|stored| stored.ct_eq(plaintext.as_bytes()))
             });
             match same {
-                Some(old) => {
+                Some((_, sealed)) => {
                     action = Action::Unchanged;
-                    Some(old.clone())
+                    Some(sealed.clone())
                 }
-                None => match keyring.seal(plaintext.as_bytes(), ctx) {
+                None => match keyring.seal(plaintext.as_bytes(), ctx, now) {
                     Ok(sealed) => {
                         action = Action::Sealed;
-                        Some(sealed)
+                        Some(SealedValue::encode(&sealed))
                     }
                     Err(e) => return Decision::Deny(format!("failed to seal spec.value: {e}")),
                 },
             }
         }
         None => match (&spec.sealed, old_sealed) {
-            // Unchanged sealed value (metadata or description edit): nothing to check.
-            (Some(new), Some(old)) if new == old => {
+            // Unchanged sealed value and env name (metadata or description edit): nothing to
+            // check.
+            (Some(new), Some((old, stored)))
+                if new == stored && old.spec.env_name == spec.env_name =>
+            {
                 action = Action::Kept;
                 None
             }
+            // A rename keeps the value: open it for the old name, seal it for the new one.
+            (None, Some((old, stored))) | (Some(_), Some((old, stored)))
+                if old.spec.env_name != spec.env_name
+                    && spec.sealed.as_ref().is_none_or(|new| new == stored) =>
+            {
+                let Some(keyring) = keyring else {
+                    return no_keyring("the value cannot be re-sealed for the new envName");
+                };
+                let resealed = stored.decode().and_then(|envelope| {
+                    let from = old.spec.seal_context(&namespace);
+                    Ok(keyring.reseal(&envelope, from, ctx, now)?)
+                });
+                match resealed {
+                    Ok(sealed) => {
+                        action = Action::Resealed;
+                        Some(SealedValue::encode(&sealed))
+                    }
+                    Err(e) => {
+                        return Decision::Deny(format!(
+                            "the stored value cannot be re-sealed for envName {}: {e}; set spec.value again",
+                            spec.env_name
+                        ));
+                    }
+                }
+            }
             // A sealed value supplied by the client (a restore, or the controller's re-wrap)
-            // must open for this namespace and owner.
+            // must open for exactly this namespace, owner and env name, in the current format.
             (Some(new), _) => {
                 let Some(keyring) = keyring else {
-                    return Decision::Deny(
-                        "agent-secrets has no keyring loaded, so spec.sealed cannot be verified"
-                            .into(),
-                    );
+                    return no_keyring("spec.sealed cannot be verified");
                 };
-                if let Err(e) = keyring.open(new, ctx) {
+                let opened = new.decode().and_then(|envelope| {
+                    if envelope.format != Format::V2 {
+                        return Err(SealedError::UnknownFormat(
+                            envelope.format.number().unwrap_or(1),
+                        ));
+                    }
+                    Ok(keyring.open(&envelope, ctx)?)
+                });
+                if let Err(e) = opened {
                     return Decision::Deny(format!(
-                        "spec.sealed does not open for owner {:?} in namespace {namespace:?}: {e}",
-                        spec.owner
+                        "spec.sealed does not open for owner {} and envName {} in namespace {}: {e}",
+                        quoted(&spec.owner),
+                        spec.env_name,
+                        quoted(&namespace)
                     ));
                 }
                 action = Action::Kept;
                 None
             }
             // `kubectl replace` of a manifest without the value keeps the stored one.
-            (None, Some(old)) => {
+            (None, Some((_, stored))) => {
                 action = Action::Kept;
-                Some(old.clone())
+                Some(stored.clone())
             }
             (None, None) => {
                 return Decision::Deny(
@@ -176,6 +237,7 @@ pub fn mutate(
         },
     };
 
+    let mut ops = Vec::new();
     if spec.value.is_some() {
         ops.push(remove(&["spec", "value"]));
     }
@@ -199,6 +261,15 @@ pub fn mutate(
     Decision::Patch {
         patch: json_patch::Patch(ops),
         action,
+    }
+}
+
+fn verb(operation: &Operation) -> &'static str {
+    match operation {
+        Operation::Create => "create",
+        Operation::Update => "change",
+        Operation::Delete => "delete",
+        Operation::Connect => "connect to",
     }
 }
 

@@ -11,10 +11,11 @@ pub mod review;
 pub mod server;
 
 use k8s_openapi::api::authentication::v1::UserInfo;
+use kube::core::admission::Operation;
 use std::collections::BTreeSet;
 
-/// Who may create sandbox pods, and what is never touched.
-#[derive(Debug, Clone, Default)]
+/// Who may create sandbox pods and write AgentSecrets, and what is never touched.
+#[derive(Debug, Clone)]
 pub struct Policy {
     /// Principals allowed to create labelled pods; empty means anyone who may create pods.
     pub allowed_principals: Vec<Principal>,
@@ -22,6 +23,94 @@ pub struct Policy {
     pub extra_reserved_env_names: Vec<String>,
     /// Namespaces whose pods are never injected.
     pub excluded_namespaces: BTreeSet<String>,
+    /// Who may write an owner's AgentSecrets.
+    pub owner_binding: OwnerBinding,
+    /// Most pod-scoped Secrets not yet adopted by their pod per namespace; beyond it pods are
+    /// refused, which bounds what forged admission traffic can make the operator create.
+    pub max_unadopted_pod_secrets: usize,
+}
+
+/// The default of `--max-unadopted-pod-secrets`.
+pub const DEFAULT_MAX_UNADOPTED_POD_SECRETS: usize = 100;
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            allowed_principals: Vec::new(),
+            extra_reserved_env_names: Vec::new(),
+            excluded_namespaces: BTreeSet::new(),
+            owner_binding: OwnerBinding::default(),
+            max_unadopted_pod_secrets: DEFAULT_MAX_UNADOPTED_POD_SECRETS,
+        }
+    }
+}
+
+/// The default of `--owner-group-prefix`: members of `agentsecrets.io/owner:bob` act as bob.
+pub const DEFAULT_OWNER_GROUP_PREFIX: &str = "agentsecrets.io/owner:";
+
+/// Service accounts of the control plane that delete objects for the cluster (namespace
+/// deletion, garbage collection); they must not be stopped by owner binding.
+pub const CONTROL_PLANE_DELETERS: &[&str] = &[
+    "system:serviceaccount:kube-system:namespace-controller",
+    "system:serviceaccount:kube-system:generic-garbage-collector",
+];
+
+/// Binds an AgentSecret to the requester: only its owner (by username or group, see the
+/// prefixes), a secret administrator or the operator itself may create, change or delete it.
+#[derive(Debug, Clone)]
+pub struct OwnerBinding {
+    /// The owner `bob` is the user `<prefix>bob`.
+    pub username_prefix: String,
+    /// Members of the group `<prefix>bob` act as `bob`; empty disables group ownership.
+    pub group_prefix: String,
+    /// Principals that may write any owner's secrets (the platform's backend).
+    pub administrators: Vec<Principal>,
+    /// The operator's own username (it seals stray plaintext and re-wraps data keys).
+    pub operator: Option<String>,
+}
+
+impl Default for OwnerBinding {
+    fn default() -> Self {
+        Self {
+            username_prefix: String::new(),
+            group_prefix: DEFAULT_OWNER_GROUP_PREFIX.to_owned(),
+            administrators: Vec::new(),
+            operator: None,
+        }
+    }
+}
+
+impl OwnerBinding {
+    /// Whether `user` may perform `operation` on an AgentSecret of `owner`.
+    pub fn permits(&self, user: &UserInfo, owner: &str, operation: &Operation) -> bool {
+        let username = user.username.as_deref().unwrap_or_default();
+        let is_owner = !owner.is_empty()
+            && username.strip_prefix(self.username_prefix.as_str()) == Some(owner);
+        let in_owner_group = !self.group_prefix.is_empty()
+            && !owner.is_empty()
+            && user
+                .groups
+                .iter()
+                .flatten()
+                .any(|group| group.strip_prefix(self.group_prefix.as_str()) == Some(owner));
+        is_owner
+            || in_owner_group
+            || self.administrators.iter().any(|p| p.matches(user))
+            || self.operator.as_deref().is_some_and(|op| op == username)
+            || (*operation == Operation::Delete && CONTROL_PLANE_DELETERS.contains(&username))
+    }
+}
+
+/// `text` quoted for a message shown to a requester, cut to a length that keeps the message
+/// readable: names in messages come from the request, which may be arbitrarily long.
+pub fn quoted(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    if text.chars().count() <= MAX_CHARS {
+        format!("{text:?}")
+    } else {
+        let cut: String = text.chars().take(MAX_CHARS).collect();
+        format!("{cut:?}…")
+    }
 }
 
 /// An entry of the sandbox-creator allow-list.
@@ -87,5 +176,78 @@ mod tests {
         assert_eq!(Principal::parse(""), None);
         assert_eq!(Principal::parse("group:"), None);
         assert_eq!(Principal::Group("g".into()).to_string(), "group:g");
+    }
+
+    fn user(name: &str, groups: &[&str]) -> UserInfo {
+        UserInfo {
+            username: Some(name.into()),
+            groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
+            ..UserInfo::default()
+        }
+    }
+
+    #[test]
+    fn only_the_owner_may_write_their_secret() {
+        let binding = OwnerBinding::default();
+        assert!(binding.permits(&user("alice", &[]), "alice", &Operation::Create));
+        for op in [Operation::Create, Operation::Update, Operation::Delete] {
+            assert!(!binding.permits(&user("alice", &[]), "bob", &op), "{op:?}");
+        }
+        assert!(!binding.permits(&user("", &[]), "", &Operation::Create));
+    }
+
+    #[test]
+    fn an_owner_may_be_named_by_a_username_prefix_or_a_group() {
+        let binding = OwnerBinding {
+            username_prefix: "oidc:".into(),
+            ..OwnerBinding::default()
+        };
+        assert!(binding.permits(&user("oidc:bob", &[]), "bob", &Operation::Update));
+        assert!(!binding.permits(&user("bob", &[]), "bob", &Operation::Update));
+        assert!(binding.permits(
+            &user("svc", &["agentsecrets.io/owner:bob"]),
+            "bob",
+            &Operation::Create
+        ));
+        assert!(!binding.permits(
+            &user("svc", &["agentsecrets.io/owner:bobby"]),
+            "bob",
+            &Operation::Create
+        ));
+        let no_groups = OwnerBinding {
+            group_prefix: String::new(),
+            ..OwnerBinding::default()
+        };
+        assert!(!no_groups.permits(&user("svc", &["bob"]), "bob", &Operation::Create));
+    }
+
+    #[test]
+    fn administrators_the_operator_and_control_plane_deleters_are_allowed() {
+        let binding = OwnerBinding {
+            administrators: vec![
+                Principal::User("platform-backend".into()),
+                Principal::Group("secret-admins".into()),
+            ],
+            operator: Some("system:serviceaccount:agent-secrets:agent-secrets".into()),
+            ..OwnerBinding::default()
+        };
+        assert!(binding.permits(&user("platform-backend", &[]), "bob", &Operation::Create));
+        assert!(binding.permits(&user("x", &["secret-admins"]), "bob", &Operation::Delete));
+        assert!(binding.permits(
+            &user("system:serviceaccount:agent-secrets:agent-secrets", &[]),
+            "bob",
+            &Operation::Update
+        ));
+        let gc = user(CONTROL_PLANE_DELETERS[0], &[]);
+        assert!(binding.permits(&gc, "bob", &Operation::Delete));
+        assert!(!binding.permits(&gc, "bob", &Operation::Update));
+    }
+
+    #[test]
+    fn quoted_request_text_is_cut() {
+        assert_eq!(quoted("bob"), "\"bob\"");
+        let long = quoted(&"x".repeat(10_000));
+        assert!(long.len() < 80, "{long}");
+        assert!(long.ends_with('…'));
     }
 }

@@ -102,6 +102,66 @@ pub struct PodSpecView {
     pub containers: Vec<ContainerView>,
     #[serde(default)]
     pub init_containers: Option<Vec<ContainerView>>,
+    #[serde(default)]
+    pub ephemeral_containers: Option<Vec<ContainerView>>,
+    #[serde(default)]
+    pub volumes: Option<Vec<VolumeView>>,
+}
+
+impl PodSpecView {
+    /// Every container of the pod: regular, init and ephemeral.
+    pub fn all_containers(&self) -> impl Iterator<Item = &ContainerView> {
+        self.containers
+            .iter()
+            .chain(self.init_containers.iter().flatten())
+            .chain(self.ephemeral_containers.iter().flatten())
+    }
+
+    /// Every Secret the pod refers to, with where (`container/ENV`, `container/envFrom`,
+    /// `volume/NAME`): env entries, envFrom, secret volumes and projected volume sources.
+    pub fn secret_references(&self) -> Vec<(String, &str)> {
+        let mut found = Vec::new();
+        for container in self.all_containers() {
+            for entry in container.env.iter().flatten() {
+                if let Some(reference) = entry
+                    .value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref())
+                {
+                    found.push((
+                        format!("{}/{}", container.name, entry.name),
+                        reference.name.as_str(),
+                    ));
+                }
+            }
+            for source in container.env_from.iter().flatten() {
+                if let Some(reference) = &source.secret_ref {
+                    found.push((
+                        format!("{}/envFrom", container.name),
+                        reference.name.as_str(),
+                    ));
+                }
+            }
+        }
+        for volume in self.volumes.iter().flatten() {
+            if let Some(secret) = &volume.secret {
+                found.push((
+                    format!("volume/{}", volume.name),
+                    secret.secret_name.as_str(),
+                ));
+            }
+            let projected = volume
+                .projected
+                .iter()
+                .flat_map(|p| p.sources.iter().flatten());
+            for source in projected {
+                if let Some(secret) = &source.secret {
+                    found.push((format!("volume/{}", volume.name), secret.name.as_str()));
+                }
+            }
+        }
+        found
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -110,6 +170,52 @@ pub struct ContainerView {
     pub name: String,
     #[serde(default)]
     pub env: Option<Vec<EnvVarView>>,
+    #[serde(default)]
+    pub env_from: Option<Vec<EnvFromView>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvFromView {
+    #[serde(default)]
+    pub secret_ref: Option<NamedRef>,
+}
+
+/// `{name: ...}` of a Secret reference (envFrom, projected source).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NamedRef {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeView {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub secret: Option<SecretVolumeView>,
+    #[serde(default)]
+    pub projected: Option<ProjectedView>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretVolumeView {
+    #[serde(default)]
+    pub secret_name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ProjectedView {
+    #[serde(default)]
+    pub sources: Option<Vec<ProjectionView>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ProjectionView {
+    #[serde(default)]
+    pub secret: Option<NamedRef>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -139,6 +245,30 @@ pub struct SecretKeyRefView {
 mod tests {
     use super::*;
     use crate::api::AgentSecret;
+
+    #[test]
+    fn every_kind_of_secret_reference_is_found() {
+        let spec: PodSpecView = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "c", "env": [
+                {"name": "A", "valueFrom": {"secretKeyRef": {"name": "s1", "key": "A"}}},
+                {"name": "B", "value": "plain"}],
+                "envFrom": [{"secretRef": {"name": "s2"}}, {"configMapRef": {"name": "cm"}}]}],
+            "initContainers": [{"name": "i", "envFrom": [{"secretRef": {"name": "s3"}}]}],
+            "ephemeralContainers": [{"name": "e", "env": [
+                {"name": "C", "valueFrom": {"secretKeyRef": {"name": "s4", "key": "C"}}}]}],
+            "volumes": [
+                {"name": "v1", "secret": {"secretName": "s5"}},
+                {"name": "v2", "projected": {"sources": [{"secret": {"name": "s6"}}, {"configMap": {"name": "x"}}]}},
+                {"name": "v3", "emptyDir": {}}]
+        }))
+        .unwrap();
+        let found: Vec<(String, &str)> = spec.secret_references();
+        let names: Vec<&str> = found.iter().map(|(_, n)| *n).collect();
+        assert_eq!(names, ["s1", "s2", "s3", "s4", "s5", "s6"]);
+        assert_eq!(found[0].0, "c/A");
+        assert_eq!(found[1].0, "c/envFrom");
+        assert_eq!(found[5].0, "volume/v2");
+    }
 
     #[test]
     fn debug_of_a_request_holds_no_object_content() {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::AgentSecret;
-use crate::cache::SecretIndex;
+use crate::cache::{PodSecretIndex, SecretIndex};
 use crate::crypto::KeyringHandle;
 use crate::telemetry::{AdmissionLabels, KindLabels, Metrics, ResultLabels};
 
@@ -40,11 +40,34 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// is at most 30 s, and the chart sets 10 s.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
+/// Why a pod-scoped Secret could not be created. The message is shown to the pod's creator,
+/// so it never holds values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The API server refused (RBAC, quota, validation); its message names the object and
+    /// the reason, never its data.
+    #[error("the API server refused: {0}")]
+    Refused(String),
+    /// A Secret of that name exists but was not made for this admission.
+    #[error("a Secret of that name exists and was not made for this admission")]
+    NameTaken,
+    #[error("request to the API server failed: {0}")]
+    Unreachable(String),
+}
+
+/// How a pod-scoped Secret came to exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// Created now.
+    New,
+    /// An earlier invocation of the same admission (same request uid) created it.
+    Existing,
+}
+
 /// Creates pod-scoped Secrets: the API server in production, a recorder in tests.
 pub trait SecretWriter: Send + Sync + 'static {
-    /// Create `secret`; the error message is shown to the pod's creator, so it must not
-    /// contain values.
-    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<(), String>>;
+    /// Create `secret`, or find the one an earlier invocation of the same admission made.
+    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<Created, WriteError>>;
 }
 
 /// Creates nothing: the benchmark mode of `run`, where no cluster exists.
@@ -52,9 +75,9 @@ pub trait SecretWriter: Send + Sync + 'static {
 pub struct DiscardingWriter;
 
 impl SecretWriter for DiscardingWriter {
-    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<(), String>> {
+    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<Created, WriteError>> {
         drop(secret);
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(Ok(Created::New)))
     }
 }
 
@@ -65,19 +88,45 @@ pub struct KubeSecretWriter {
 }
 
 impl SecretWriter for KubeSecretWriter {
-    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<(), String>> {
+    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<Created, WriteError>> {
         Box::pin(async move {
             let namespace = secret.metadata.namespace.clone().unwrap_or_default();
+            let name = secret.metadata.name.clone().unwrap_or_default();
+            let uid = secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(crate::api::REQUEST_UID_ANNOTATION))
+                .cloned();
             let api: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), &namespace);
             let params = kube::api::PostParams {
                 dry_run: false,
                 field_manager: Some(crate::api::FIELD_MANAGER.to_owned()),
             };
             match api.create(&params, &secret).await {
-                Ok(_) => Ok(()),
-                // The API's message names the object and the reason, never its data.
-                Err(kube::Error::Api(status)) => Err(status.message),
-                Err(e) => Err(format!("request to the API server failed: {e}")),
+                Ok(_) => Ok(Created::New),
+                // A reinvoked admission names the same Secret: reuse it if it was made for
+                // this request (only the operator may create Secrets of that name).
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    let existing = api
+                        .get_metadata_opt(&name)
+                        .await
+                        .map_err(|e| WriteError::Unreachable(e.to_string()))?;
+                    let made_for = existing.as_ref().and_then(|m| {
+                        m.metadata
+                            .annotations
+                            .as_ref()?
+                            .get(crate::api::REQUEST_UID_ANNOTATION)
+                            .cloned()
+                    });
+                    if made_for.is_some() && made_for == uid {
+                        Ok(Created::Existing)
+                    } else {
+                        Err(WriteError::NameTaken)
+                    }
+                }
+                Err(kube::Error::Api(status)) => Err(WriteError::Refused(status.message)),
+                Err(e) => Err(WriteError::Unreachable(e.to_string())),
             }
         })
     }
@@ -91,6 +140,8 @@ pub struct AppState {
     pub policy: Arc<Policy>,
     pub writer: Arc<dyn SecretWriter>,
     pub metrics: Arc<Metrics>,
+    /// Pod-scoped Secrets that exist, to bound how many wait for their pod.
+    pub pod_secrets: Arc<PodSecretIndex>,
 }
 
 impl AppState {
@@ -442,7 +493,7 @@ where
 async fn agentsecrets_handler(State(state): State<AppState>, body: Body) -> Response {
     answer::<AgentSecret, _, _>(&state, body, "AgentSecret", crate::api::GROUP, |request| {
         let keyring = state.keyring.current();
-        let decision = agentsecret::mutate(&request, keyring.as_deref(), &state.index, &state.policy);
+        let decision = agentsecret::mutate(&request, keyring.as_deref(), &state.index, &state.policy, crate::api::now_seconds());
         let uid = request.uid.as_str();
         let namespace = request.namespace.as_deref().unwrap_or_default();
         let operation = operation_label(&request.operation);
@@ -471,8 +522,7 @@ async fn pods_handler(State(state): State<AppState>, body: Body) -> Response {
         let state = st;
         let keyring = state.keyring.current();
         let hint = request.object.as_ref().map(pod::pod_hint).unwrap_or("<unnamed>").to_owned();
-        let secret_name = pod::new_secret_name(&hint);
-        let decision = pod::mutate(&request, keyring.as_deref(), &state.index, &state.policy, &secret_name);
+        let decision = pod::mutate(&request, keyring.as_deref(), &state.index, &state.policy);
         let uid = request.uid.as_str();
         let namespace = request.namespace.as_deref().unwrap_or_default();
         let operation = operation_label(&request.operation);
@@ -487,9 +537,25 @@ async fn pods_handler(State(state): State<AppState>, body: Body) -> Response {
             }
             pod::Decision::Inject(injection) => {
                 if let Some(secret) = injection.secret.as_ref().filter(|_| !request.dry_run) {
+                    // Forged reviews must not make the operator fill a namespace with Secrets:
+                    // past the bound, sandboxes wait until their pods adopt what exists.
+                    let waiting = state.pod_secrets.unadopted(&secret.namespace);
+                    if waiting >= state.policy.max_unadopted_pod_secrets && !state.pod_secrets.contains(&secret.namespace, &secret.name) {
+                        state.metrics.pod_secrets_created.get_or_create(&ResultLabels { result: "limited" }).inc();
+                        let message = format!("namespace {namespace:?} already has {waiting} pod-scoped Secrets whose pods have not appeared (at most {} may wait); retry shortly", state.policy.max_unadopted_pod_secrets);
+                        tracing::warn!(uid = %request.uid, kind = "Pod", operation, namespace, name = %hint, decision = "denied", reason = %message, "admission");
+                        return Answer { response: ReviewResponse::deny(uid, message), decision: "denied" };
+                    }
                     let created = state.writer.create(secret.to_secret()).await;
-                    let result = if created.is_ok() { "created" } else { "failed" };
+                    let result = match created {
+                        Ok(Created::New) => "created",
+                        Ok(Created::Existing) => "reused",
+                        Err(_) => "failed",
+                    };
                     state.metrics.pod_secrets_created.get_or_create(&ResultLabels { result }).inc();
+                    if created.is_ok() {
+                        state.pod_secrets.created(&secret.namespace, &secret.name);
+                    }
                     if let Err(error) = created {
                         let message = format!("failed to create the pod-scoped Secret {:?} holding the sandbox's secrets: {error}", secret.name);
                         tracing::warn!(uid = %request.uid, kind = "Pod", operation, namespace, name = %hint, decision = "denied", reason = %message, "admission");

@@ -11,7 +11,7 @@ use agent_secrets::api::{AgentSecret, FIELD_MANAGER as CONTROLLER_FIELD_MANAGER,
 use agent_secrets::cache::SecretIndex;
 use agent_secrets::controller::lease::{Elector, LeaseError};
 use agent_secrets::controller::{self, Context};
-use agent_secrets::crypto::{Keyring, KeyringHandle, SealContext};
+use agent_secrets::crypto::{Keyring, KeyringHandle};
 use agent_secrets::telemetry::{Metrics, ResultLabels};
 use futures::StreamExt as _;
 use k8s_openapi::ByteString;
@@ -282,9 +282,9 @@ async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
         let name = format!("secret-{i:03}");
         let value = format!("{canary}-{i}");
         let mut object = agentsecret(&ns, &name, &owner, &format!("SECRET_{i:03}"));
-        let sealed = old
-            .seal(value.as_bytes(), SealContext::new(&ns, &owner))
-            .unwrap();
+        // Whole seconds, as the API server stores sealedAt.
+        let sealed =
+            agent_secrets::testing::sealed(&old, &ns, &owner, &object.spec.env_name, &value);
         object.spec.sealed = Some(sealed.clone());
         originals.insert(name, (owner, value, sealed));
         objects.push(object);
@@ -369,7 +369,7 @@ async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
     );
     for object in &stored {
         let name = object.name_any();
-        let (owner, value, original) = &originals[&name];
+        let (_owner, value, original) = &originals[&name];
         let sealed = object.spec.sealed.as_ref().unwrap();
         assert!(object.spec.value.is_none(), "{name}");
         // Only the data key is re-wrapped: the data is not re-encrypted.
@@ -379,8 +379,8 @@ async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
             "{name}"
         );
         assert_ne!(sealed.wrapped_key, original.wrapped_key, "{name}");
-        let opened = keyring
-            .open(sealed, SealContext::new(&ns, owner))
+        let opened = sealed
+            .open(&keyring, object.spec.seal_context(&ns))
             .unwrap_or_else(|e| panic!("{name} does not open after the rotation: {e}"));
         assert_eq!(opened.expose(), value.as_bytes(), "{name}");
     }

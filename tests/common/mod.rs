@@ -2,12 +2,12 @@
 //! AgentSecret cache, and a recorder standing in for the API server's Secret creation.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use agent_secrets::api::{AgentSecret, AgentSecretSpec};
-use agent_secrets::cache::{CachedSecret, SecretIndex};
-use agent_secrets::crypto::{Keyring, KeyringHandle, SealContext};
+use agent_secrets::api::AgentSecret;
+use agent_secrets::cache::{CachedSecret, PodSecretIndex, SecretIndex};
+use agent_secrets::crypto::{Keyring, KeyringHandle};
 use agent_secrets::telemetry::Metrics;
 use agent_secrets::webhook::Policy;
-use agent_secrets::webhook::server::{self, AppState, SecretWriter};
+use agent_secrets::webhook::server::{self, AppState, Created, SecretWriter, WriteError};
 use axum_server::tls_rustls::RustlsConfig;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -60,30 +60,17 @@ pub fn fixture(name: &str) -> (String, Value) {
     (route, value["review"].clone())
 }
 
-pub fn agent_secret(
-    ns: &str,
-    name: &str,
-    owner: &str,
-    env: &str,
-    keyring: &Keyring,
-    value: &str,
-) -> AgentSecret {
-    let mut object = AgentSecret::new(
-        name,
-        AgentSecretSpec {
-            owner: owner.into(),
-            env_name: env.into(),
-            description: None,
-            value: None,
-            sealed: Some(
-                keyring
-                    .seal(value.as_bytes(), SealContext::new(ns, owner))
-                    .unwrap(),
-            ),
-        },
-    );
-    object.metadata.namespace = Some(ns.into());
-    object
+pub use agent_secrets::testing::agent_secret;
+
+/// The policy the recorded fixtures run under: they were recorded as the cluster's admin
+/// (group `system:masters`), made a secret administrator here so that owner binding lets the
+/// admin write alice's and bob's secrets; owner binding has tests of its own.
+pub fn fixture_policy() -> Policy {
+    let mut policy = Policy::default();
+    policy.owner_binding.administrators = vec![agent_secrets::webhook::Principal::Group(
+        "system:masters".into(),
+    )];
+    policy
 }
 
 /// The cache the fixtures run against: alice and bob in `sandboxes`, alice in `other`.
@@ -153,7 +140,7 @@ pub struct RecordingWriter {
 }
 
 impl SecretWriter for RecordingWriter {
-    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<(), String>> {
+    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<Created, WriteError>> {
         Box::pin(async move {
             self.entered.notify_one();
             let delay = *self.delay.lock().unwrap();
@@ -161,10 +148,30 @@ impl SecretWriter for RecordingWriter {
                 tokio::time::sleep(delay).await;
             }
             if let Some(message) = self.fail_with.lock().unwrap().clone() {
-                return Err(message);
+                return Err(WriteError::Refused(message));
             }
-            self.created.lock().unwrap().push(secret);
-            Ok(())
+            let mut created = self.created.lock().unwrap();
+            // As the API server: a second create of a name answers 409, and the writer then
+            // finds the Secret the same admission made.
+            if let Some(existing) = created
+                .iter()
+                .find(|s| s.metadata.name == secret.metadata.name)
+            {
+                let uid = |s: &Secret| {
+                    s.metadata
+                        .annotations
+                        .as_ref()?
+                        .get(agent_secrets::api::REQUEST_UID_ANNOTATION)
+                        .cloned()
+                };
+                return if uid(existing) == uid(&secret) {
+                    Ok(Created::Existing)
+                } else {
+                    Err(WriteError::NameTaken)
+                };
+            }
+            created.push(secret);
+            Ok(Created::New)
         })
     }
 }
@@ -238,6 +245,7 @@ impl TestServer {
             policy: Arc::new(policy),
             writer: writer.clone(),
             metrics: metrics.clone(),
+            pod_secrets: Arc::new(PodSecretIndex::default()),
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
