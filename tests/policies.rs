@@ -8,7 +8,9 @@
 //! its cost accounting; `tests/cluster/policies.rs` runs the same policies on a real one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use agent_secrets::api::{OWNER_LABEL, POD_SCOPED_LABEL, SECRET_NAME_ANNOTATION};
+use agent_secrets::api::{
+    OWNER_LABEL, POD_SCOPED_LABEL, POD_SECRET_NAME_PREFIX, SECRET_NAME_ANNOTATION,
+};
 use kube_cel::{
     AdmissionRequest, GroupVersionKind, GroupVersionResource, VapEvaluator, VapExpression,
 };
@@ -16,9 +18,9 @@ use serde::Deserialize as _;
 use serde_json::{Value, json};
 use std::path::Path;
 
-/// The reserved name prefix of pod-scoped Secrets (the tenancy contract's
-/// `POD_SECRET_NAME_PREFIX`).
-const PREFIX: &str = "asec-pod-";
+/// The reserved name prefix of pod-scoped Secrets, as the operator names them: every case
+/// below uses it, so the policies and the operator cannot drift apart.
+const PREFIX: &str = POD_SECRET_NAME_PREFIX;
 /// The operator's username in the rendered manifests: release namespace and ServiceAccount
 /// `agent-secrets`.
 const OPERATOR: &str = "system:serviceaccount:agent-secrets:agent-secrets";

@@ -14,7 +14,9 @@ use super::{
     Guard, agentsecret, assert_no_foreign_agentsecret_webhook, client,
     ensure_default_service_account, eventually, install_crd, sandbox_pod, unique, with_sealed,
 };
-use agent_secrets::api::{AgentSecret, OWNER_LABEL, POD_SCOPED_LABEL, SECRET_NAME_ANNOTATION};
+use agent_secrets::api::{
+    AgentSecret, OWNER_LABEL, POD_SCOPED_LABEL, POD_SECRET_NAME_PREFIX, SECRET_NAME_ANNOTATION,
+};
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
@@ -26,8 +28,8 @@ use serde::Deserialize as _;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// The reserved name prefix of pod-scoped Secrets.
-const PREFIX: &str = "asec-pod-";
+/// The reserved name prefix of pod-scoped Secrets, as the operator names them.
+const PREFIX: &str = POD_SECRET_NAME_PREFIX;
 /// The operator's username in the rendered manifests, replaced by the test's own.
 const SHIPPED_OPERATOR: &str = "system:serviceaccount:agent-secrets:agent-secrets";
 const OPERATOR_ACCOUNT: &str = "operator";
