@@ -45,6 +45,8 @@ mod controller;
 mod crd;
 #[path = "cluster/harness.rs"]
 mod harness;
+#[path = "cluster/policies.rs"]
+mod policies;
 #[path = "cluster/webhook.rs"]
 mod webhook;
 
