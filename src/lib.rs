@@ -9,4 +9,5 @@ pub mod crypto;
 pub mod run;
 pub mod telemetry;
 pub mod tools;
+pub mod ui;
 pub mod webhook;
