@@ -33,30 +33,37 @@ const PREFIX_CANDIDATES: &[&str] = &["LD_", "DYLD_", "KUBERNETES_"];
 /// The rule shown under the name field.
 pub fn rule(extra_reserved: &[String]) -> String {
     let refused = |name: &str| validate_env_name(name, extra_reserved).is_err();
-    let mut examples: Vec<String> = RESERVED_CANDIDATES
+    let mut names: Vec<String> = RESERVED_CANDIDATES
         .iter()
         .filter(|n| refused(n))
         .map(|n| (*n).to_owned())
         .collect();
-    examples.extend(
-        PREFIX_CANDIDATES
-            .iter()
-            .filter(|p| refused(&format!("{p}AGENTSECRETS_PROBE")))
-            .map(|p| format!("{p}…")),
-    );
-    examples.extend(extra_reserved.iter().take(4).cloned());
-    examples.dedup();
+    names.extend(extra_reserved.iter().take(4).cloned());
+    names.dedup();
+    let prefixes: Vec<String> = PREFIX_CANDIDATES
+        .iter()
+        .filter(|p| refused(&format!("{p}AGENTSECRETS_PROBE")))
+        .map(|p| (*p).to_owned())
+        .collect();
+    let mut reserved = names.join(", ");
+    if !prefixes.is_empty() {
+        let starting = format!("names starting with {}", join_words(&prefixes, "or"));
+        reserved = if reserved.is_empty() {
+            starting
+        } else {
+            format!("{reserved}, and {starting}")
+        };
+    }
     format!(
-        "Uppercase letters A–Z, digits 0–9 and underscores, not starting with a digit, e.g. GITHUB_API_KEY. Names the sandbox itself relies on are refused: {}.",
-        join_words(&examples)
+        "Uppercase letters A–Z, digits 0–9 and underscores, not starting with a digit, e.g. GITHUB_API_KEY. Names the sandbox itself relies on are refused: {reserved}."
     )
 }
 
-fn join_words(words: &[String]) -> String {
+fn join_words(words: &[String], conjunction: &str) -> String {
     match words {
         [] => String::new(),
         [one] => one.clone(),
-        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+        [init @ .., last] => format!("{} {conjunction} {last}", init.join(", ")),
     }
 }
 
@@ -92,7 +99,7 @@ mod tests {
     fn the_rule_lists_names_the_validator_refuses() {
         let text = rule(&["MY_RESERVED".to_owned()]);
         assert!(text.contains("PATH"), "{text}");
-        assert!(text.contains("KUBERNETES_…"), "{text}");
+        assert!(text.contains("names starting with KUBERNETES_"), "{text}");
         assert!(text.contains("MY_RESERVED"), "{text}");
         for candidate in RESERVED_CANDIDATES {
             assert_eq!(
