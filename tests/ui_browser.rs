@@ -45,9 +45,17 @@ struct FakeApi {
     objects: BTreeMap<String, Value>,
     /// Plaintext each object was last sealed from (what a sandbox would receive).
     plaintexts: BTreeMap<String, String>,
-    /// `(method, path, Impersonate-User, Impersonate-Groups, body had spec.value)`.
-    calls: Vec<(String, String, Option<String>, Vec<String>, bool)>,
+    calls: Vec<ApiCall>,
     counter: u32,
+}
+
+/// One call the fake API server received.
+struct ApiCall {
+    method: String,
+    path: String,
+    impersonate_user: Option<String>,
+    impersonate_groups: Vec<String>,
+    had_value: bool,
 }
 
 type Fake = Arc<Mutex<FakeApi>>;
@@ -78,10 +86,13 @@ fn record(
         .map(|v| v.to_str().unwrap().to_owned())
         .collect();
     let had_value = body["spec"].get("value").is_some();
-    fake.lock()
-        .unwrap()
-        .calls
-        .push((method.into(), path, user.clone(), groups, had_value));
+    fake.lock().unwrap().calls.push(ApiCall {
+        method: method.into(),
+        path,
+        impersonate_user: user.clone(),
+        impersonate_groups: groups,
+        had_value,
+    });
     user
 }
 
@@ -662,9 +673,9 @@ async fn a_user_adds_reveals_edits_and_deletes_a_secret_in_a_real_browser() {
         let patch = fake
             .calls
             .iter()
-            .find(|call| call.0 == "PATCH")
+            .find(|call| call.method == "PATCH")
             .expect("a PATCH");
-        assert!(!patch.4, "a blank value is not sent");
+        assert!(!patch.had_value, "a blank value is not sent");
         let name = fake
             .objects
             .iter()
@@ -734,8 +745,9 @@ async fn a_user_adds_reveals_edits_and_deletes_a_secret_in_a_real_browser() {
     // Every API call was made as alice, in group research.
     let fake = fake.lock().unwrap();
     assert!(!fake.calls.is_empty());
-    for (method, path, user, groups, _) in &fake.calls {
-        assert_eq!(user.as_deref(), Some(USER), "{method} {path}");
-        assert_eq!(groups, &["research"], "{method} {path}");
+    for call in &fake.calls {
+        let what = format!("{} {}", call.method, call.path);
+        assert_eq!(call.impersonate_user.as_deref(), Some(USER), "{what}");
+        assert_eq!(call.impersonate_groups, ["research"], "{what}");
     }
 }

@@ -66,11 +66,14 @@ fn status_failure(code: u16, reason: &str, message: &str) -> Value {
 // ---------------------------------------------------------------------------------------
 // Mocked API server
 
+/// Checks one request's headers, query and JSON body.
+type Check = Box<dyn FnOnce(&http::HeaderMap, &str, &Value) + Send>;
+
 /// One expected API call: method, path, and a check of its headers and JSON body.
 struct Expect {
     method: Method,
     path: String,
-    check: Box<dyn FnOnce(&http::HeaderMap, &str, &Value) + Send>,
+    check: Check,
     status: u16,
     reply: Value,
 }

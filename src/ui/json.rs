@@ -47,12 +47,8 @@ fn problems_response(problems: &[Problem]) -> Response {
 }
 
 /// The checks every write passes first: JSON content type (a cross-site HTML form cannot
-/// send it without a CORS preflight) and the CSRF token.
-fn write_allowed(
-    state: &UiState,
-    identity: &Identity,
-    headers: &HeaderMap,
-) -> Result<(), Response> {
+/// send it without a CORS preflight) and the CSRF token. `Some` is the refusal.
+fn write_refused(state: &UiState, identity: &Identity, headers: &HeaderMap) -> Option<Response> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -62,7 +58,7 @@ fn write_allowed(
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
         });
     if !json {
-        return Err(error_response(
+        return Some(error_response(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             None,
             "send the body as Content-Type: application/json",
@@ -72,13 +68,13 @@ fn write_allowed(
         .get(super::csrf::HEADER)
         .and_then(|v| v.to_str().ok());
     if !csrf_ok(state, identity, token) {
-        return Err(error_response(
+        return Some(error_response(
             StatusCode::FORBIDDEN,
             None,
             "missing or invalid CSRF token: send the X-CSRF-Token header from GET /api/v1/secrets, with its cookie",
         ));
     }
-    Ok(())
+    None
 }
 
 #[derive(Deserialize)]
@@ -100,14 +96,16 @@ struct UpdateBody {
 }
 
 /// Parse a JSON body without ever echoing the parser's text (it can quote the value).
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|_| {
-        error_response(
-            StatusCode::BAD_REQUEST,
-            None,
-            &format!("the body must be a JSON object {shape}"),
-        )
-    })
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Option<T> {
+    serde_json::from_slice(body).ok()
+}
+
+fn not_shaped(shape: &str) -> Response {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        None,
+        &format!("the body must be a JSON object {shape}"),
+    )
 }
 
 /// `GET /api/v1/secrets`.
@@ -138,12 +136,11 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = write_allowed(&state, &identity, &headers) {
+    if let Some(refused) = write_refused(&state, &identity, &headers) {
         return refused;
     }
-    let body: CreateBody = match parse(&body, "{\"envName\", \"value\", \"description\"}") {
-        Ok(body) => body,
-        Err(refused) => return refused,
+    let Some(body) = parse::<CreateBody>(&body) else {
+        return not_shaped("{\"envName\", \"value\", \"description\"?}");
     };
     let input = Input {
         env_name: body.env_name.trim().to_owned(),
@@ -167,12 +164,11 @@ pub async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = write_allowed(&state, &identity, &headers) {
+    if let Some(refused) = write_refused(&state, &identity, &headers) {
         return refused;
     }
-    let body: UpdateBody = match parse(&body, "{\"value\"?, \"description\"?}") {
-        Ok(body) => body,
-        Err(refused) => return refused,
+    let Some(body) = parse::<UpdateBody>(&body) else {
+        return not_shaped("{\"value\"?, \"description\"?}");
     };
     let input = Input {
         env_name: env_name.clone(),
