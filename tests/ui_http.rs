@@ -477,7 +477,8 @@ async fn every_api_call_is_made_as_the_user_with_their_groups() {
     );
     for path in ["/", "/api/v1/secrets", "/secrets/SERVICE_0_API_KEY/edit"] {
         let mut c = call(Method::GET, path);
-        c.groups = Some("team-a, platform users");
+        // A system: group is never impersonated (system:masters is cluster-admin).
+        c.groups = Some("team-a, system:masters, platform users");
         assert_eq!(page.send(c).await.status, StatusCode::OK, "{path}");
     }
     verifier.finish().await;
@@ -517,6 +518,16 @@ async fn a_missing_or_untrusted_identity_is_refused_before_any_api_call() {
         .unwrap()
         .to_owned();
     assert!(message.contains("no x-forwarded-user header"), "{message}");
+    // Kubernetes' own names are never acted as.
+    let mut system = call(Method::GET, "/");
+    system.user = Some("system:kube-scheduler");
+    let reply = page.send(system).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(
+        reply.body.contains("reserves for its own components"),
+        "{}",
+        reply.body
+    );
     // A username that is no valid owner name is refused in words.
     let mut odd = call(Method::GET, "/");
     odd.user = Some("alice@example.com");

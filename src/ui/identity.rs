@@ -82,6 +82,12 @@ impl FromRequestParts<UiState> for Identity {
                 ),
             });
         }
+        // `system:` names belong to Kubernetes itself (nodes, controllers, service accounts):
+        // acting as one could borrow its permissions, so no proxy may assert one.
+        if username.starts_with("system:") {
+            tracing::warn!("refused a system: username from the proxy");
+            return Err(refusal(UiError::SystemName(username.to_owned()), json));
+        }
         let owner = settings.owner_of(username).map_err(|e| refusal(e, json))?;
         let namespace = settings
             .namespace
@@ -95,6 +101,9 @@ impl FromRequestParts<UiState> for Identity {
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|g| !g.is_empty())
+            // Never act as a `system:` group (system:masters is cluster-admin): an identity
+            // provider has no business asserting one.
+            .filter(|g| !g.starts_with("system:"))
             .filter_map(|g| HeaderValue::from_str(g).ok())
             .collect();
         let principal = Principal {

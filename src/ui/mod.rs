@@ -37,6 +37,10 @@ pub enum UiError {
         "your secrets would live in namespace {namespace:?}, which is not a valid namespace name (derived from owner {owner:?}); ask your platform team"
     )]
     NamespaceName { owner: String, namespace: String },
+    #[error(
+        "{0:?} is a name Kubernetes reserves for its own components, not a person; the Secrets page does not act as it"
+    )]
+    SystemName(String),
     #[error("failed to set up CSRF protection: {0}")]
     CsrfKey(String),
     #[error("failed to configure the Secrets page: {0}")]
