@@ -41,6 +41,8 @@
 mod common;
 #[path = "cluster/controller.rs"]
 mod controller;
+#[path = "cluster/ui.rs"]
+mod ui;
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SealedValue, SecretString};
 use agent_secrets::cache::SecretIndex;
