@@ -235,7 +235,7 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
 
 /// The server's TLS configuration; with `client_ca`, client certificates it signed are
 /// verified (and optional, so that probes and the refusal page still work without one).
-fn tls_config(
+pub fn tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
     client_ca: Option<&std::path::Path>,

@@ -214,13 +214,12 @@ impl UserSecrets {
         // generateName: `<owner>-<env-name>` alone can collide across owners (`a-b`+`C` and
         // `a`+`B_C`); the random suffix cannot, and the page finds secrets by env name anyway.
         object.metadata.name = None;
-        object.metadata.generate_name = Some(format!(
-            "{}-",
-            object_name(&self.owner, &input.env_name)
-                .chars()
-                .take(200)
-                .collect::<String>()
-        ));
+        let prefix: String = object_name(&self.owner, &input.env_name)
+            .chars()
+            .take(200)
+            .collect();
+        // A cut may leave `-` or `.` at the end; `.-` would start a DNS label with `-`.
+        object.metadata.generate_name = Some(format!("{}-", prefix.trim_end_matches(['-', '.'])));
         let params = PostParams {
             dry_run: false,
             field_manager: Some(FIELD_MANAGER.into()),
