@@ -291,3 +291,74 @@ async fn termination_signal() {
     }
     let _ = tokio::signal::ctrl_c().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let cli =
+            crate::cli::Cli::try_parse_from(["agentsecrets", "ui"].iter().chain(args).copied())
+                .map_err(|e| e.to_string())?;
+        let crate::cli::Command::Ui(ui) = cli.command else {
+            return Err("not the ui command".into());
+        };
+        ui.settings().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_flags_the_chart_renders_are_accepted() {
+        let settings = parse(&[
+            "--addr=127.0.0.1:8080",
+            "--namespace-template=user-{user}",
+            "--trusted-proxy-cidrs=127.0.0.1/32,10.0.0.0/8",
+            "--user-header=X-Forwarded-User",
+            "--groups-header=X-Forwarded-Groups",
+            "--owner-username-prefix=oidc:",
+            "--reserved-env-names=NODE_OPTIONS, ",
+            "--csrf-key-file=/etc/agentsecrets/ui-csrf/key",
+            "--log-format=json",
+        ])
+        .unwrap();
+        assert_eq!(settings.trusted_proxy_cidrs.len(), 2);
+        assert_eq!(settings.owner_username_prefix, "oidc:");
+        assert_eq!(settings.extra_reserved_env_names, ["NODE_OPTIONS"]);
+        assert_eq!(
+            settings.namespace,
+            NamespaceRule::Template("user-{user}".into())
+        );
+        assert!(!settings.require_proxy_certificate);
+    }
+
+    #[test]
+    fn settings_that_cannot_identify_the_proxy_or_the_namespace_are_refused() {
+        let no_trust = parse(&["--namespace=sandboxes"]).unwrap_err();
+        assert!(no_trust.contains("--trusted-proxy-cidrs"), "{no_trust}");
+        let both = parse(&[
+            "--namespace=a",
+            "--namespace-template=u-{user}",
+            "--trusted-proxy-cidrs=127.0.0.1",
+        ])
+        .unwrap_err();
+        assert!(both.contains("cannot be used with"), "{both}");
+        let neither = parse(&["--trusted-proxy-cidrs=127.0.0.1"]).unwrap_err();
+        assert!(neither.contains("--namespace"), "{neither}");
+        let no_user = parse(&[
+            "--namespace-template=users",
+            "--trusted-proxy-cidrs=127.0.0.1",
+        ])
+        .unwrap_err();
+        assert!(no_user.contains("{user}"), "{no_user}");
+        let bad_ns = parse(&[
+            "--namespace=Not_A_Namespace",
+            "--trusted-proxy-cidrs=127.0.0.1",
+        ])
+        .unwrap_err();
+        assert!(bad_ns.contains("not a valid namespace name"), "{bad_ns}");
+        let ca_without_tls = parse(&["--namespace=a", "--proxy-client-ca=/ca.pem"]).unwrap_err();
+        assert!(ca_without_tls.contains("--tls-cert"), "{ca_without_tls}");
+        let bad_cidr = parse(&["--namespace=a", "--trusted-proxy-cidrs=proxy.local"]).unwrap_err();
+        assert!(bad_cidr.contains("not a CIDR"), "{bad_cidr}");
+    }
+}

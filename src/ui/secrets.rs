@@ -16,6 +16,24 @@ use crate::tools::user::{Card, MASK, object_name};
 /// Longest description the CRD accepts, in characters.
 pub const MAX_DESCRIPTION_CHARS: usize = 1024;
 
+/// How long one API call may take before the user is told to try again; far below the
+/// client's own read timeout, which is sized for watches.
+pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `call` bounded by [`API_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<Result<T, kube::Error>, Problem> {
+    tokio::time::timeout(API_TIMEOUT, call)
+        .await
+        .map_err(|_| Problem {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            field: None,
+            message: "The Kubernetes API server did not answer in time. Try again in a moment."
+                .into(),
+        })
+}
+
 /// A form field a problem belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -87,10 +105,8 @@ impl UserSecrets {
 
     /// The user's objects, by env name.
     async fn objects(&self, value: Option<&SecretString>) -> Result<Vec<AgentSecret>, Problem> {
-        let list = self
-            .api
-            .list(&ListParams::default())
-            .await
+        let list = bounded(self.api.list(&ListParams::default()))
+            .await?
             .map_err(|e| self.explain(e, value))?;
         let mut mine: Vec<AgentSecret> = list
             .items
@@ -224,10 +240,9 @@ impl UserSecrets {
             dry_run: false,
             field_manager: Some(FIELD_MANAGER.into()),
         };
-        let created = self
-            .api
-            .create(&params, &object)
+        let created = bounded(self.api.create(&params, &object))
             .await
+            .map_err(|p| vec![p])?
             .map_err(|e| vec![self.explain(e, Some(&input.value))])?;
         Ok(Card::from_object(&created))
     }
@@ -264,11 +279,13 @@ impl UserSecrets {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
         };
-        let updated = self
-            .api
-            .patch(&object.name_any(), &params, &Patch::Merge(&patch))
-            .await
-            .map_err(|e| vec![self.explain(e, Some(&input.value))])?;
+        let updated = bounded(
+            self.api
+                .patch(&object.name_any(), &params, &Patch::Merge(&patch)),
+        )
+        .await
+        .map_err(|p| vec![p])?
+        .map_err(|e| vec![self.explain(e, Some(&input.value))])?;
         Ok(Card::from_object(&updated))
     }
 
@@ -284,9 +301,8 @@ impl UserSecrets {
             }),
             ..DeleteParams::default()
         };
-        self.api
-            .delete(&object.name_any(), &params)
-            .await
+        bounded(self.api.delete(&object.name_any(), &params))
+            .await?
             .map_err(|e| self.explain(e, None))?;
         Ok(())
     }

@@ -90,7 +90,11 @@ async fn security_headers(
     next: Next,
     tls: bool,
 ) -> Response<axum::body::Body> {
+    // The path only: queries carry nothing needed here, and bodies (values) are never logged.
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
     let mut response = next.run(request).await;
+    tracing::info!(%method, %path, status = response.status().as_u16(), "request");
     let headers = response.headers_mut();
     let set = |headers: &mut axum::http::HeaderMap, name, value: &'static str| {
         headers.insert(name, HeaderValue::from_static(value));
