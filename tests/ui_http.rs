@@ -1107,3 +1107,86 @@ async fn live_validation_uses_the_servers_rule() {
     assert!(form.body.contains("PATH"));
     verifier.finish().await;
 }
+
+/// Collects everything logged on this thread.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn values_never_reach_the_logs_even_at_trace_level() {
+    // SAFETY of the test: RUST_LOG must not narrow what is captured.
+    assert!(
+        std::env::var_os("RUST_LOG").is_none(),
+        "run this test without RUST_LOG"
+    );
+    // A current-thread runtime: the page, the client and this test all log on this thread.
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    // The page's own filter, asked for everything.
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(agent_secrets::ui::log_filter("trace"))
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut page = start(settings()).await;
+    let created = stored("alice-db-password-x1", "alice", "DB_PASSWORD", None);
+    let denial = format!(
+        "AgentSecret.agentsecrets.io \"x\" is invalid: spec.value: Invalid value: \"{CANARY_EDIT}\""
+    );
+    let verifier = page.verify(
+        alice(),
+        vec![
+            expect(Method::GET, LIST_PATH, recorded_list()),
+            expect(Method::POST, LIST_PATH, created.clone()).status(201),
+            expect(Method::GET, LIST_PATH, list_of(vec![created.clone()])),
+            expect(
+                Method::PATCH,
+                &object_path("alice-db-password-x1"),
+                status_failure(422, "Invalid", &denial),
+            )
+            .status(422),
+        ],
+    );
+    let (cookie, token) = page.csrf().await;
+    let mut c = call(Method::POST, "/secrets").form(&[
+        ("env_name", "DB_PASSWORD"),
+        ("value", CANARY),
+        ("csrf_token", &token),
+    ]);
+    c.cookie = Some(&cookie);
+    assert_eq!(page.send(c).await.status, StatusCode::SEE_OTHER);
+    let mut c = call(Method::POST, "/secrets/DB_PASSWORD").form(&[
+        ("value", CANARY_EDIT),
+        ("description", ""),
+        ("csrf_token", &token),
+    ]);
+    c.cookie = Some(&cookie);
+    assert_eq!(page.send(c).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    verifier.finish().await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("secret added"), "the page logged: {text}");
+    assert!(text.contains("DB_PASSWORD"));
+    for value in [CANARY, CANARY_EDIT] {
+        assert!(
+            !text.contains(value),
+            "{value} in the logs: {}",
+            text.lines()
+                .filter(|l| l.contains(value))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}

@@ -173,9 +173,31 @@ impl UiArgs {
     }
 }
 
+/// The page's log filter for a `RUST_LOG`-style `spec`, with `kube_client` capped at `info`
+/// whatever the spec says. At `debug` it logs an unsuccessful API answer verbatim, and the
+/// answer to a write of a value could quote the value; the page is the one component that
+/// sends values to the API server.
+pub fn log_filter(spec: &str) -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::try_new(spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    ["kube_client=info", "kube_client::client=info"]
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |filter, directive| filter.add_directive(directive))
+}
+
+fn init_logging(format: LogFormat) {
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let builder = tracing_subscriber::fmt().with_env_filter(log_filter(&spec));
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
 /// Run the page until SIGTERM or Ctrl-C.
 pub async fn run(args: UiArgs) -> anyhow::Result<()> {
-    crate::telemetry::init_logging(args.log_format);
+    init_logging(args.log_format);
     let settings = args.settings()?;
     let csrf = match &args.csrf_key_file {
         Some(path) => {
