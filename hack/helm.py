@@ -145,6 +145,7 @@ SCENARIOS = [
                     "args": ["--upstream=http://127.0.0.1:8080/", "--http-address=0.0.0.0:4180",
                              "--pass-user-headers=true"],
                     "ports": [{"name": "proxy", "containerPort": 4180}],
+                    "readinessProbe": {"httpGet": {"path": "/ping", "port": "proxy"}},
                 }],
             },
             "reservedEnvNames": ["NODE_OPTIONS"],
@@ -432,6 +433,9 @@ def check_ui(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], f
             and security.get("allowPrivilegeEscalation") is False
             and security.get("capabilities", {}).get("drop") == ["ALL"]):
         findings.fail("the Secrets page container must be non-root, read-only, without capabilities")
+    probed = "readinessProbe" in container
+    if probed != (ui["listenAddress"] in ("0.0.0.0", "::")):
+        findings.fail(f"readiness probe {probed} for a page bound to {ui['listenAddress']}")
     name = page["metadata"]["name"]
     if pod["serviceAccountName"] != name:
         findings.fail("the Secrets page must run as its own service account")
