@@ -152,6 +152,44 @@ SCENARIOS = [
          "maxUnadoptedPodSecrets": 250},
         expect_kinds={"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"},
     ),
+    Scenario(
+        "Secrets page behind an oauth2-proxy sidecar, a namespace per user",
+        {
+            "ui": {
+                "enabled": True,
+                "namespaceTemplate": "user-{user}",
+                "trustedProxyCIDRs": ["127.0.0.1/32"],
+                "listenAddress": "127.0.0.1",
+                "ownerUsernamePrefix": "oidc:",
+                "impersonableGroups": ["research", "platform-users"],
+                "service": {"port": 80, "targetPort": "proxy"},
+                "extraContainers": [{
+                    "name": "oauth2-proxy",
+                    "image": "quay.io/oauth2-proxy/oauth2-proxy:v7.7.1",
+                    "args": ["--upstream=http://127.0.0.1:8080/", "--http-address=0.0.0.0:4180",
+                             "--pass-user-headers=true"],
+                    "ports": [{"name": "proxy", "containerPort": 4180}],
+                    "readinessProbe": {"httpGet": {"path": "/ping", "port": "proxy"}},
+                }],
+            },
+            "reservedEnvNames": ["NODE_OPTIONS"],
+        },
+        expect_kinds={"Deployment", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Secret"},
+    ),
+    Scenario(
+        "Secrets page over TLS, proxy client certificate and CIDR, one namespace",
+        {
+            "ui": {
+                "enabled": True,
+                "namespace": "sandboxes",
+                "trustedProxyCIDRs": ["10.42.0.0/16"],
+                "proxyClientCA": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+                "tls": {"secretName": "agent-secrets-ui-tls"},
+                "replicaCount": 2,
+            },
+        },
+        expect_kinds={"Deployment", "ConfigMap", "Secret"},
+    ),
 ]
 
 # Values the schema must refuse, each with why.
@@ -181,6 +219,9 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("no unadopted pod-scoped Secret allowed at all", {"maxUnadoptedPodSecrets": 0}),
     ("an invalid sandbox namespace", {"sandboxNamespaces": ["Sandboxes"]}),
     ("a client CA that is not a PEM certificate", {"webhook": {"clientCA": "not a certificate"}}),
+    ("a namespace template without {user}", {"ui": {"namespaceTemplate": "users"}}),
+    ("a trusted proxy CIDR that is a hostname", {"ui": {"trustedProxyCIDRs": ["proxy.example"]}}),
+    ("an unknown key in the Secrets page settings", {"ui": {"enable": True}}),
 ]
 
 
@@ -272,6 +313,7 @@ def check_objects(scenario: Scenario, rendered: dict[str, str], findings: Findin
     check_deployment(values, by_kind, findings)
     check_policies(values, by_kind, findings)
     check_rbac(values, by_kind, findings)
+    check_ui(values, by_kind, findings)
     findings.ok(f"{len(docs)} objects well-formed: {', '.join(sorted(k for k in kinds if k))}")
 
 
@@ -356,10 +398,15 @@ def check_webhooks(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any
         findings.fail(f"cert-manager.io/inject-ca-from present={inject}, expected {cert_manager and not url}")
 
 
+def container_command(deployment: dict[str, Any]) -> str:
+    """The subcommand a Deployment runs: `run` (the operator) or `ui` (the Secrets page)."""
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
 def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
-    deployments = by_kind.get("Deployment", [])
+    deployments = [d for d in by_kind.get("Deployment", []) if container_command(d) != "ui"]
     if len(deployments) != 1:
-        findings.fail(f"expected one Deployment, got {len(deployments)}")
+        findings.fail(f"expected one operator Deployment, got {len(deployments)}")
         return
     pod = deployments[0]["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -495,6 +542,78 @@ def check_rbac(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]],
                 if b["roleRef"]["kind"] == "ClusterRole" and sandbox_rights(roles.get(b["roleRef"]["name"], {}))}
     if bound_in != set(sandboxes):
         findings.fail(f"Secret and Pod rights are bound in namespaces {sorted(bound_in)}, expected {sorted(sandboxes)}")
+
+
+def check_ui(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
+    """The Secrets page: only when enabled; may only impersonate; never selected as the operator."""
+    ui = values["ui"]
+    pages = [d for d in by_kind.get("Deployment", []) if container_command(d) == "ui"]
+    if not ui["enabled"]:
+        if pages:
+            findings.fail("a Secrets page Deployment is rendered while ui.enabled is false")
+        return
+    if len(pages) != 1:
+        findings.fail(f"expected one Secrets page Deployment, got {len(pages)}")
+        return
+    page = pages[0]
+    pod = page["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    flags = dict(a[2:].split("=", 1) for a in container["args"][1:])
+    want = {
+        "addr": f"{ui['listenAddress']}:{ui['port']}",
+        "user-header": ui["userHeader"],
+        "groups-header": ui["groupsHeader"],
+        "csrf-key-file": "/etc/agentsecrets/ui-csrf/key",
+        "log-format": values["logging"]["format"],
+    }
+    if ui["namespace"]:
+        want["namespace"] = ui["namespace"]
+    else:
+        want["namespace-template"] = ui["namespaceTemplate"]
+    if ui["trustedProxyCIDRs"]:
+        want["trusted-proxy-cidrs"] = ",".join(ui["trustedProxyCIDRs"])
+    if ui["ownerUsernamePrefix"]:
+        want["owner-username-prefix"] = ui["ownerUsernamePrefix"]
+    if values["reservedEnvNames"]:
+        want["reserved-env-names"] = ",".join(values["reservedEnvNames"])
+    if ui["tls"]["secretName"]:
+        want["tls-cert"] = "/etc/agentsecrets/ui-tls/tls.crt"
+        want["tls-key"] = "/etc/agentsecrets/ui-tls/tls.key"
+    if ui["proxyClientCA"]:
+        want["proxy-client-ca"] = "/etc/agentsecrets/ui-proxy-ca/ca.crt"
+    if flags != want:
+        findings.fail(f"Secrets page flags {flags}, expected {want}")
+    security = container["securityContext"]
+    if not (security.get("readOnlyRootFilesystem") and security.get("runAsNonRoot")
+            and security.get("allowPrivilegeEscalation") is False
+            and security.get("capabilities", {}).get("drop") == ["ALL"]):
+        findings.fail("the Secrets page container must be non-root, read-only, without capabilities")
+    probed = "readinessProbe" in container
+    if probed != (ui["listenAddress"] in ("0.0.0.0", "::")):
+        findings.fail(f"readiness probe {probed} for a page bound to {ui['listenAddress']}")
+    name = page["metadata"]["name"]
+    if pod["serviceAccountName"] != name:
+        findings.fail("the Secrets page must run as its own service account")
+    roles = [r for r in by_kind.get("ClusterRole", []) if r["metadata"]["name"] == name]
+    if len(roles) != 1:
+        findings.fail("expected one ClusterRole for the Secrets page")
+    else:
+        rules = roles[0]["rules"]
+        verbs = {v for r in rules for v in r["verbs"]}
+        resources = {res for r in rules for res in r["resources"]}
+        if verbs != {"impersonate"} or resources != {"users", "groups"}:
+            findings.fail(f"the Secrets page may only impersonate users and groups, got {rules}")
+        groups_rule = next(r for r in rules if "groups" in r["resources"])
+        if ui["impersonableGroups"] and groups_rule.get("resourceNames") != ui["impersonableGroups"]:
+            findings.fail("impersonable groups are not limited to ui.impersonableGroups")
+    # The operator's Service (webhook) must never send admission reviews to the page's pods.
+    pod_labels = page["spec"]["template"]["metadata"]["labels"]
+    for service in by_kind.get("Service", []):
+        selector = service["spec"]["selector"]
+        selects_page = all(pod_labels.get(k) == v for k, v in selector.items())
+        if selects_page != (service["metadata"]["name"] == name):
+            findings.fail(f"Service {service['metadata']['name']} selects the page's pods: {selects_page}")
+    findings.ok("Secrets page: flags, impersonate-only RBAC, own selector labels")
 
 
 def cmd_lint(_: argparse.Namespace) -> int:

@@ -45,6 +45,9 @@ pub enum Command {
     List(ListArgs),
     /// Delete a secret; sandboxes started afterwards no longer get it.
     Delete(DeleteArgs),
+    /// Serve the Secrets page (and its JSON API) behind an authenticating proxy: each user
+    /// manages their own secrets, every Kubernetes call made as that user (impersonation).
+    Ui(Box<crate::ui::UiArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +234,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete(args) => {
             crate::tools::user::delete(&args.env_name, &args.owner, args.namespace, args.yes).await
         }
+        Command::Ui(args) => crate::ui::run(*args).await,
         Command::Keys(KeysCommand::Generate(args)) => {
             let out = generate_keyring(&args)?;
             std::io::stdout()

@@ -12,4 +12,5 @@ pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tools;
+pub mod ui;
 pub mod webhook;

@@ -49,6 +49,8 @@ mod harness;
 mod policies;
 #[path = "cluster/webhook.rs"]
 mod webhook;
+#[path = "cluster/ui.rs"]
+mod ui;
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SealedValue, SecretString};
 use agent_secrets::cache::SecretIndex;
