@@ -47,10 +47,10 @@ mod crd;
 mod harness;
 #[path = "cluster/policies.rs"]
 mod policies;
-#[path = "cluster/webhook.rs"]
-mod webhook;
 #[path = "cluster/ui.rs"]
 mod ui;
+#[path = "cluster/webhook.rs"]
+mod webhook;
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SealedValue, SecretString};
 use agent_secrets::cache::SecretIndex;

@@ -99,7 +99,10 @@ mod tests {
     fn the_rule_lists_names_the_validator_refuses() {
         let text = rule(&["MY_RESERVED".to_owned()]);
         assert!(text.contains("PATH"), "{text}");
-        assert!(text.contains("names starting with KUBERNETES_"), "{text}");
+        assert!(
+            text.contains("names starting with LD_, DYLD_ or KUBERNETES_"),
+            "{text}"
+        );
         assert!(text.contains("MY_RESERVED"), "{text}");
         for candidate in RESERVED_CANDIDATES {
             assert_eq!(

@@ -10,7 +10,8 @@ use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
 
-use crate::api::{AgentSecret, AgentSecretSpec, FIELD_MANAGER, MAX_VALUE_BYTES, SecretString};
+use crate::api::{AgentSecret, AgentSecretSpec, FIELD_MANAGER, SecretString};
+use crate::crypto::MAX_VALUE_BYTES;
 use crate::tools::user::{Card, MASK, object_name};
 
 /// Longest description the CRD accepts, in characters.

@@ -20,7 +20,7 @@ use super::{assets, json, pages};
 
 /// Largest request body: a value of `MAX_VALUE_BYTES`, form-encoded (up to 3x), plus the
 /// other fields.
-pub const BODY_LIMIT: usize = 3 * crate::api::MAX_VALUE_BYTES + 16 * 1024;
+pub const BODY_LIMIT: usize = 3 * crate::crypto::MAX_VALUE_BYTES + 16 * 1024;
 
 /// `Content-Security-Policy`: only this origin's own script and style, no inline script, no
 /// framing, forms post only here.

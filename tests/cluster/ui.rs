@@ -4,7 +4,8 @@
 //! page acts as the user, not as its own credentials). Run with the rest of
 //! `tests/cluster.rs` (needs `AGENTSECRETS_TEST_WEBHOOK_HOST`).
 
-use super::{Webhook, unique};
+use super::unique;
+use super::webhook::Webhook;
 use agent_secrets::api::AgentSecret;
 use agent_secrets::ui::config::{NamespaceRule, Settings};
 use agent_secrets::ui::csrf::CsrfKey;

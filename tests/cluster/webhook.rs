@@ -60,8 +60,8 @@ fn webhook_host() -> String {
 
 /// The webhook running in this process against the real API server, registered for the
 /// test's namespaces only.
-struct Webhook {
-    client: Client,
+pub(crate) struct Webhook {
+    pub(crate) client: Client,
     keyring: Arc<Keyring>,
     index: Arc<SecretIndex>,
     namespaces: Vec<String>,
@@ -72,7 +72,7 @@ struct Webhook {
 impl Webhook {
     /// Install the CRD, create `namespaces` namespaces, start the cache and the webhook and
     /// register it; returns once the API server calls it.
-    async fn start(namespaces: usize) -> Self {
+    pub(crate) async fn start(namespaces: usize) -> Self {
         let host = webhook_host();
         let client = client().await;
         install_crd(&client).await;
@@ -155,7 +155,7 @@ impl Webhook {
         webhook
     }
 
-    fn ns(&self) -> &str {
+    pub(crate) fn ns(&self) -> &str {
         &self.namespaces[0]
     }
 
@@ -220,7 +220,7 @@ impl Webhook {
 
     /// The stored object, checked to hold no plaintext and a sealed value that opens to
     /// `value` for its namespace and owner.
-    async fn assert_sealed(&self, ns: &str, name: &str, value: &str) -> AgentSecret {
+    pub(crate) async fn assert_sealed(&self, ns: &str, name: &str, value: &str) -> AgentSecret {
         let text = stored_json(&self.client, ns, name).await;
         assert!(!text.contains(value), "plaintext stored in {text}");
         let object = self.agentsecrets(ns).get(name).await.unwrap();
