@@ -43,8 +43,9 @@ pub enum Command {
     /// Reads AgentSecrets from --secrets (files or a directory; sample `value`s are sealed in
     /// memory) or, without it, from the cluster, and prints the mutated pod.
     Inject(InjectArgs),
-    /// Create or update a secret. The value is read from a hidden prompt, or from stdin when
-    /// piped, so it never lands in shell history; empty input keeps the current value.
+    /// Create or update a secret. The value is read from a hidden prompt (asked twice, to
+    /// catch a typo), or from stdin when piped, so it never lands in shell history; empty input
+    /// keeps the current value.
     Set(SetArgs),
     /// List secrets as cards: name, description, created, masked value, readiness.
     List(ListArgs),
@@ -77,16 +78,16 @@ pub struct InjectArgs {
     /// Keyring to open sealed values with [default: a throwaway key for sample values].
     #[arg(long, env = "AGENTSECRETS_KEYRING", value_name = "FILE")]
     pub keyring: Option<PathBuf>,
-    /// The cluster to read AgentSecrets from without --secrets. -n is the namespace for
-    /// objects that name none [default: the pod's, else the context's, else "default"].
-    #[command(flatten)]
-    pub cluster: crate::tools::cluster::ClusterArgs,
     /// The requester to preview as (matters with --allowed-principals).
     #[arg(long, default_value = "preview-user")]
     pub requester: String,
     /// The admission policy, as for `run` (the same flags and environment variables).
     #[command(flatten)]
     pub policy: crate::run::PolicyArgs,
+    // Last, so that its help heading covers its flags only. Read from without --secrets; -n is
+    // the namespace of a pod that names none [default: the pod's, else the context's].
+    #[command(flatten)]
+    pub cluster: crate::tools::cluster::ClusterArgs,
 }
 
 #[derive(Debug, Args)]
@@ -101,7 +102,7 @@ pub struct SetArgs {
     pub description: Option<String>,
     #[command(flatten)]
     pub cluster: crate::tools::cluster::ClusterArgs,
-    /// Without -o: a line saying what was done; with -o: the secret as `list` shows it.
+    // Without -o: a line saying what was done; with -o: the secret as `list` shows it.
     #[command(flatten)]
     pub output: crate::tools::output::OutputArgs,
 }
@@ -116,7 +117,7 @@ pub struct ListArgs {
     pub all_namespaces: bool,
     #[command(flatten)]
     pub cluster: crate::tools::cluster::ClusterArgs,
-    /// Without -o: cards; wide: one line per secret with every column.
+    // Without -o: cards; wide: one line per secret with every column.
     #[command(flatten)]
     pub output: crate::tools::output::OutputArgs,
 }
@@ -188,7 +189,7 @@ pub struct StatusArgs {
     pub all_namespaces: bool,
     #[command(flatten)]
     pub cluster: crate::tools::cluster::ClusterArgs,
-    /// Without -o: a table and a verdict; wide adds the namespaces using each key.
+    // Without -o: a table and a verdict; wide adds the namespaces using each key.
     #[command(flatten)]
     pub output: crate::tools::output::OutputArgs,
 }

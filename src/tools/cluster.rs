@@ -9,6 +9,7 @@ use super::error::Error;
 
 /// `--kubeconfig`, `--context`, `--cluster`, `--user`, `-n/--namespace`, `--as`, `--as-group`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+#[command(next_help_heading = "Cluster connection (as kubectl)")]
 pub struct ClusterArgs {
     /// Path to the kubeconfig file [default: $KUBECONFIG (a list of files, merged), else
     /// ~/.kube/config, else the in-cluster service account].
@@ -251,8 +252,10 @@ users:
             "users: [{user: {token: canary-kubeconfig-token",
         )
         .unwrap();
-        let mut args = ClusterArgs::default();
-        args.kubeconfig = Some(file.path().to_owned());
+        let args = ClusterArgs {
+            kubeconfig: Some(file.path().to_owned()),
+            ..ClusterArgs::default()
+        };
         let error = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()

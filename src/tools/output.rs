@@ -18,6 +18,7 @@ pub enum Format {
 
 /// `-o/--output`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Args)]
+#[command(next_help_heading = "Output")]
 pub struct OutputArgs {
     /// Output format [default: human-readable].
     #[arg(short = 'o', long = "output", value_enum, value_name = "FORMAT")]
