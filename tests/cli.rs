@@ -992,6 +992,30 @@ fn refusals_by_the_api_server_exit_4() {
     );
     assert!(!stderr(&output).contains("canary"));
 
+    // A validation message quoting the refused field must not carry the value to the terminal.
+    let invalid = FakeApi::start(|request| match request.method.as_str() {
+        "POST" => {
+            let body: serde_json::Value = serde_json::from_str(&request.body).unwrap();
+            let message = format!(
+                "AgentSecret.agentsecrets.io \"x\" is invalid: spec.value: Invalid value: {}",
+                body["spec"]["value"]
+            );
+            (422, status(422, "Invalid", &message))
+        }
+        _ => recorded_cluster(request),
+    });
+    let output = invalid.run(
+        &["set", "NEW_API_KEY", "--owner", "alice"],
+        "canary-quoted\n",
+    );
+    assert_eq!(code(&output), 4, "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("<redacted>"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!stderr(&output).contains("canary"), "{}", stderr(&output));
+
     let unauthenticated = FakeApi::start(|_| (401, status(401, "Unauthorized", "Unauthorized")));
     assert_eq!(code(&unauthenticated.run(&["keys", "status"], "")), 4);
 }

@@ -121,6 +121,40 @@ impl Error {
         }
     }
 
+    /// This error with every occurrence of `secret` in the server's text replaced: an API
+    /// server's validation message may quote the field it refuses, and that field may be the
+    /// value being written.
+    pub fn redacting(self, secret: &str) -> Self {
+        if secret.is_empty() {
+            return self;
+        }
+        let clean = |text: String| text.replace(secret, "<redacted>");
+        match self {
+            Self::NotFound { what } => Self::NotFound { what: clean(what) },
+            Self::Forbidden {
+                action,
+                namespace,
+                message,
+            } => Self::Forbidden {
+                action,
+                namespace,
+                message: clean(message),
+            },
+            Self::Refused { action, message } => Self::Refused {
+                action,
+                message: clean(message),
+            },
+            Self::Request { action, reason } => Self::Request {
+                action,
+                reason: clean(reason),
+            },
+            Self::Unreachable { reason } => Self::Unreachable {
+                reason: clean(reason),
+            },
+            other => other,
+        }
+    }
+
     /// The exit code of this failure.
     pub fn exit(&self) -> Exit {
         match self {
@@ -242,6 +276,23 @@ mod tests {
             Error::from_api("list", api(500, "etcd"), "ns").exit(),
             Exit::Error
         );
+    }
+
+    #[test]
+    fn a_value_quoted_by_the_server_is_redacted() {
+        let error = Error::from_api(
+            "create the AgentSecret",
+            api(
+                422,
+                "AgentSecret \"x\" is invalid: spec.value: Invalid value: \"canary-quoted\"",
+            ),
+            "ns",
+        )
+        .redacting("canary-quoted");
+        let text = format!("{error} {error:?}");
+        assert!(!text.contains("canary"), "{text}");
+        assert!(text.contains("Invalid value: \"<redacted>\""), "{text}");
+        assert_eq!(error.exit(), Exit::Refused);
     }
 
     #[test]

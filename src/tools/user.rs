@@ -170,7 +170,10 @@ pub async fn set(args: SetArgs, reader: &mut dyn ValueReader) -> anyhow::Result<
                 let updated = api
                     .patch(&name, &params, &Patch::Merge(&patch))
                     .await
-                    .map_err(|e| Error::from_api("update the AgentSecret", e, &namespace))?;
+                    .map_err(|e| {
+                        Error::from_api("update the AgentSecret", e, &namespace)
+                            .redacting(value.as_ref().map_or("", |v| v.expose()))
+                    })?;
                 let message = format!("updated {env_name} of {owner} in {namespace} ({name})");
                 (updated, message)
             }
@@ -197,10 +200,10 @@ pub async fn set(args: SetArgs, reader: &mut dyn ValueReader) -> anyhow::Result<
                 dry_run: false,
                 field_manager: Some(FIELD_MANAGER.into()),
             };
-            let created = api
-                .create(&params, &object)
-                .await
-                .map_err(|e| Error::from_api("create the AgentSecret", e, &namespace))?;
+            let written = object.spec.value.as_ref().map_or("", |v| v.expose());
+            let created = api.create(&params, &object).await.map_err(|e| {
+                Error::from_api("create the AgentSecret", e, &namespace).redacting(written)
+            })?;
             let message = format!("created {env_name} of {owner} in {namespace} ({name})");
             (created, message)
         }
