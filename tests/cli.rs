@@ -218,6 +218,10 @@ fn every_command_explains_itself() {
         (vec!["set", "--help"], "hidden prompt"),
         (vec!["list", "--help"], "masked value"),
         (vec!["delete", "--help"], "no longer get it"),
+        (vec!["completion", "--help"], "kubectl_complete-agentsecrets"),
+        (vec!["list", "--help"], "--all-namespaces"),
+        (vec!["list", "--help"], "Cluster connection"),
+        (vec!["set", "--help"], "asked twice"),
     ] {
         let output = agentsecrets(&args);
         assert!(output.status.success(), "{args:?}");
