@@ -218,7 +218,10 @@ fn every_command_explains_itself() {
         (vec!["set", "--help"], "hidden prompt"),
         (vec!["list", "--help"], "masked value"),
         (vec!["delete", "--help"], "no longer get it"),
-        (vec!["completion", "--help"], "kubectl_complete-agentsecrets"),
+        (
+            vec!["completion", "--help"],
+            "kubectl_complete-agentsecrets",
+        ),
         (vec!["list", "--help"], "--all-namespaces"),
         (vec!["list", "--help"], "Cluster connection"),
         (vec!["set", "--help"], "asked twice"),
@@ -1097,6 +1100,21 @@ fn linked_as_kubectl_complete_the_binary_answers_kubectls_plugin_completion() {
         .map(|l| l.split('\t').next().unwrap())
         .collect();
     assert_eq!(values, ["json", "yaml", "wide", ":4"]);
+
+    // Contexts complete from the kubeconfig kubectl would read.
+    let api = FakeApi::start(recorded_cluster);
+    let contexts = Command::new(&link)
+        .args(["list", "--context", ""])
+        .env("KUBECONFIG", api.kubeconfig())
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&contexts), "fake\nother\n:4\n");
+    let prefixed = Command::new(&link)
+        .args(["set", "X", "--context", "ot"])
+        .env("KUBECONFIG", api.kubeconfig())
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&prefixed), "other\n:4\n");
 
     // Run under the plugin name, the binary is the CLI itself.
     let plugin = dir.path().join("kubectl-agentsecrets");

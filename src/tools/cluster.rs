@@ -2,6 +2,7 @@
 //! kubeconfig, a context, a namespace and an identity, with the meaning kubectl gives them.
 
 use clap::Args;
+use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
 use kube::config::{Config, KubeConfigOptions, Kubeconfig, KubeconfigError};
 use std::path::PathBuf;
 
@@ -16,7 +17,7 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use [default: its current-context].
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", add = ArgValueCompleter::new(kubeconfig_contexts))]
     pub context: Option<String>,
     /// The kubeconfig cluster to use [default: the context's].
     #[arg(long, value_name = "NAME")]
@@ -122,6 +123,23 @@ impl ClusterArgs {
         })?;
         Ok(Connection { client, namespace })
     }
+}
+
+/// Completion of `--context`: the contexts of the kubeconfig kubectl would read ($KUBECONFIG,
+/// else ~/.kube/config); none when it cannot be read.
+fn kubeconfig_contexts(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
+    let Some(prefix) = current.to_str() else {
+        return Vec::new();
+    };
+    let Ok(kubeconfig) = Kubeconfig::read() else {
+        return Vec::new();
+    };
+    kubeconfig
+        .contexts
+        .into_iter()
+        .filter(|c| c.name.starts_with(prefix))
+        .map(|c| CompletionCandidate::new(c.name))
+        .collect()
 }
 
 /// A kubeconfig failure as a person reads it. A parse error is not quoted: its text could
