@@ -31,8 +31,6 @@ pub struct Card {
     pub value: &'static str,
     pub ready: String,
     pub reason: String,
-    /// The key-encryption key the value is wrapped under; empty while unsealed.
-    pub key_id: String,
 }
 
 impl Card {
@@ -56,12 +54,6 @@ impl Card {
             value: MASK,
             ready: ready.map_or("Unknown".into(), |c| c.status.clone()),
             reason: ready.map_or(String::new(), |c| c.reason.clone()),
-            key_id: object
-                .spec
-                .sealed
-                .as_ref()
-                .map(|s| s.key_id.clone())
-                .unwrap_or_default(),
         }
     }
 
@@ -84,6 +76,31 @@ impl Card {
             self.created, self.value, self.ready
         ));
         out
+    }
+}
+
+/// One secret as the CLI prints it: the card, and for `-o wide|json|yaml` the key it is
+/// wrapped under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    #[serde(flatten)]
+    pub card: Card,
+    /// The key-encryption key the value is wrapped under; empty while unsealed.
+    pub key_id: String,
+}
+
+impl Entry {
+    pub fn from_object(object: &AgentSecret) -> Self {
+        Self {
+            card: Card::from_object(object),
+            key_id: object
+                .spec
+                .sealed
+                .as_ref()
+                .map(|s| s.key_id.clone())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -210,17 +227,21 @@ pub async fn set(args: SetArgs, reader: &mut dyn ValueReader) -> anyhow::Result<
     };
     print!(
         "{}",
-        render_result(&Card::from_object(&object), output.output, &message)?
+        render_result(&Entry::from_object(&object), output.output, &message)?
     );
     Ok(())
 }
 
 /// What `set` prints: its message, or the resulting secret in the format asked for.
-pub fn render_result(card: &Card, format: Option<Format>, message: &str) -> anyhow::Result<String> {
+pub fn render_result(
+    entry: &Entry,
+    format: Option<Format>,
+    message: &str,
+) -> anyhow::Result<String> {
     Ok(match format {
         None => format!("{message}\n"),
-        Some(Format::Wide) => wide_table(std::slice::from_ref(card)),
-        Some(format) => serialised(card, Some(format))?.unwrap_or_default(),
+        Some(Format::Wide) => wide_table(std::slice::from_ref(entry)),
+        Some(format) => serialised(entry, Some(format))?.unwrap_or_default(),
     })
 }
 
@@ -238,10 +259,10 @@ pub const WIDE_COLUMNS: [&str; 10] = [
     "DESCRIPTION",
 ];
 
-fn wide_table(cards: &[Card]) -> String {
-    let rows: Vec<Vec<String>> = cards
+fn wide_table(entries: &[Entry]) -> String {
+    let rows: Vec<Vec<String>> = entries
         .iter()
-        .map(|c| {
+        .map(|Entry { card: c, key_id }| {
             vec![
                 c.namespace.clone(),
                 c.name.clone(),
@@ -250,7 +271,7 @@ fn wide_table(cards: &[Card]) -> String {
                 c.value.to_owned(),
                 c.ready.clone(),
                 c.reason.clone(),
-                c.key_id.clone(),
+                key_id.clone(),
                 c.created.clone(),
                 c.description.clone(),
             ]
@@ -259,17 +280,17 @@ fn wide_table(cards: &[Card]) -> String {
     table(&WIDE_COLUMNS, &rows)
 }
 
-/// Render cards: as cards without `-o`, else as a wide table, JSON or YAML.
-pub fn render_cards(cards: &[Card], format: Option<Format>) -> anyhow::Result<String> {
+/// Render secrets: as cards without `-o`, else as a wide table, JSON or YAML.
+pub fn render_cards(entries: &[Entry], format: Option<Format>) -> anyhow::Result<String> {
     Ok(match format {
-        None if cards.is_empty() => "no secrets\n".to_owned(),
-        None => cards
+        None if entries.is_empty() => "no secrets\n".to_owned(),
+        None => entries
             .iter()
-            .map(Card::render)
+            .map(|e| e.card.render())
             .collect::<Vec<_>>()
             .join("\n"),
-        Some(Format::Wide) => wide_table(cards),
-        Some(format) => serialised(cards, Some(format))?.unwrap_or_default(),
+        Some(Format::Wide) => wide_table(entries),
+        Some(format) => serialised(entries, Some(format))?.unwrap_or_default(),
     })
 }
 
@@ -292,15 +313,16 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| Error::from_api("list AgentSecrets", e, scope))?
         .items;
-    let mut cards: Vec<Card> = items
+    let mut entries: Vec<Entry> = items
         .iter()
         .filter(|s| owner.as_deref().is_none_or(|o| s.spec.owner == o))
-        .map(Card::from_object)
+        .map(Entry::from_object)
         .collect();
-    cards.sort_by(|a, b| {
+    entries.sort_by(|a, b| {
+        let (a, b) = (&a.card, &b.card);
         (&a.namespace, &a.owner, &a.env_name).cmp(&(&b.namespace, &b.owner, &b.env_name))
     });
-    print!("{}", render_cards(&cards, output.output)?);
+    print!("{}", render_cards(&entries, output.output)?);
     Ok(())
 }
 
@@ -388,7 +410,7 @@ mod tests {
             }],
             ..AgentSecretStatus::default()
         });
-        let card = Card::from_object(&object);
+        let card = Entry::from_object(&object);
         let text = render_cards(std::slice::from_ref(&card), None).unwrap();
         assert!(
             text.contains("X_BEARER_TOKEN  (owner alice, sandboxes/alice-x)"),
@@ -418,7 +440,7 @@ mod tests {
 
     #[test]
     fn the_recorded_list_renders_as_cards_by_default() {
-        let cards: Vec<Card> = recorded_list().iter().map(Card::from_object).collect();
+        let cards: Vec<Entry> = recorded_list().iter().map(Entry::from_object).collect();
         let text = render_cards(&cards, None).unwrap();
         assert_eq!(text.matches(MASK).count(), 12, "{text}");
         assert!(
@@ -431,7 +453,7 @@ mod tests {
 
     #[test]
     fn wide_adds_key_id_reason_and_description_columns() {
-        let cards: Vec<Card> = recorded_list().iter().map(Card::from_object).collect();
+        let cards: Vec<Entry> = recorded_list().iter().map(Entry::from_object).collect();
         let text = render_cards(&cards, Some(Format::Wide)).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 13, "a header and one line per secret: {text}");
@@ -451,7 +473,7 @@ mod tests {
     #[test]
     fn json_and_yaml_carry_the_card_fields_and_no_sealed_material() {
         let objects = recorded_list();
-        let cards: Vec<Card> = objects.iter().map(Card::from_object).collect();
+        let cards: Vec<Entry> = objects.iter().map(Entry::from_object).collect();
         let json: serde_json::Value =
             serde_json::from_str(&render_cards(&cards, Some(Format::Json)).unwrap()).unwrap();
         assert_eq!(json.as_array().unwrap().len(), 12);
@@ -482,7 +504,7 @@ mod tests {
 
     #[test]
     fn set_prints_its_message_or_the_secret_in_the_format_asked() {
-        let card = Card::from_object(&recorded_list()[0]);
+        let card = Entry::from_object(&recorded_list()[0]);
         assert_eq!(
             render_result(&card, None, "created X").unwrap(),
             "created X\n"
