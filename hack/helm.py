@@ -1002,6 +1002,11 @@ def check_readme_quickstart(findings: Findings) -> None:
                 findings.ok(f"{path}: exists, {len(objects)} objects parse")
     if release is None:
         findings.fail("README.md: the quick start has no `helm install`")
+    # One image name everywhere people copy it from.
+    for doc in (README, REPO / "Dockerfile", CHART / "README.md"):
+        for named in re.findall(r"docker (?:build -t|run --rm) (\S+)", doc.read_text()):
+            if named != image:
+                findings.fail(f"{doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc}: image {named}, expected the chart's {image}")
 
 
 def check_values_comments(findings: Findings) -> None:
