@@ -218,9 +218,11 @@ SCENARIOS = [
                 "proxyClientCA": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
                 "tls": {"secretName": "agent-secrets-ui-tls"},
                 "replicaCount": 2,
+                "csrfKeySecret": "ui-csrf-key",
             },
         },
-        expect_kinds={"Deployment", "ConfigMap", "Secret"},
+        expect_kinds={"Deployment", "ConfigMap"},
+        forbid_kinds={"Secret"},
     ),
 ]
 
@@ -254,6 +256,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("a namespace template without {user}", {"ui": {"namespaceTemplate": "users"}}),
     ("a trusted proxy CIDR that is a hostname", {"ui": {"trustedProxyCIDRs": ["proxy.example"]}}),
     ("an unknown key in the Secrets page settings", {"ui": {"enable": True}}),
+    ("a CSRF key Secret name that is not a DNS name", {"ui": {"csrfKeySecret": "UI key"}}),
     # The settings the operator-owned keys and chart conventions added.
     ("the removed chart-generated certificate's validity", {"certs": {"validityDays": 365}}),
     ("an issuerRef without a kind", {"certManager": {"issuerRef": {"name": "ca", "kind": ""}}}),
@@ -761,6 +764,9 @@ def check_ui(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], f
         want["proxy-client-ca"] = "/etc/agentsecrets/ui-proxy-ca/ca.crt"
     if flags != want:
         findings.fail(f"Secrets page flags {flags}, expected {want}")
+    csrf = next(v for v in pod["volumes"] if v["name"] == "csrf")["secret"]["secretName"]
+    if csrf != (ui["csrfKeySecret"] or f"{RELEASE}-ui-csrf"):
+        findings.fail(f"the CSRF key is mounted from {csrf}, not ui.csrfKeySecret or the generated one")
     security = container["securityContext"]
     if not (security.get("readOnlyRootFilesystem") and security.get("runAsNonRoot")
             and security.get("allowPrivilegeEscalation") is False
