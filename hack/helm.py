@@ -895,7 +895,10 @@ def check_readme_quickstart(findings: Findings) -> None:
     exact --set flags it gives, the names used afterwards are the ones it installs, the image
     it builds is the chart's, every file it applies exists and parses, and the principals it
     uses are the ones the install allows."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = None
 
     commands = quickstart_commands()
     if not commands:
@@ -915,8 +918,11 @@ def check_readme_quickstart(findings: Findings) -> None:
         where = " ".join(argv)[:90]
         tool, rest = argv[0], argv[1:]
         if tool == "cargo" and rest[:1] == ["install"]:
-            cargo = tomllib.loads((REPO / "Cargo.toml").read_text())
-            bins = [b["name"] for b in cargo.get("bin", [])]
+            manifest = (REPO / "Cargo.toml").read_text()
+            if tomllib is not None:
+                bins = [b["name"] for b in tomllib.loads(manifest).get("bin", [])]
+            else:
+                bins = re.findall(r'^\[\[bin\]\]\s*\nname\s*=\s*"([^"]+)"', manifest, re.M)
             if option(argv, "--path") != ["."] or "agentsecrets" not in bins:
                 findings.fail(f"{where}: does not install the agentsecrets binary from this repository")
             else:
