@@ -233,7 +233,7 @@ impl Guard {
 
 /// Feed `index` from a watch on every AgentSecret, as the operator does, until `stop`.
 fn spawn_agentsecret_watch(client: &Client, index: &Arc<SecretIndex>, stop: &CancellationToken) {
-    tokio::spawn(agent_secrets::run::watch_agentsecrets(
+    tokio::spawn(agent_secrets::cache::watch_agentsecrets(
         client.clone(),
         index.clone(),
         stop.clone(),

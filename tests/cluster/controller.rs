@@ -10,7 +10,7 @@ use super::{
 use agent_secrets::api::{AgentSecret, FIELD_MANAGER as CONTROLLER_FIELD_MANAGER, SealedValue};
 use agent_secrets::cache::SecretIndex;
 use agent_secrets::controller::lease::{Elector, LeaseError};
-use agent_secrets::controller::{self, Context};
+use agent_secrets::controller::{self, Context, Settings};
 use agent_secrets::crypto::{Keyring, KeyringHandle};
 use agent_secrets::telemetry::{Metrics, ResultLabels};
 use futures::StreamExt as _;
@@ -94,11 +94,14 @@ fn start_controller(
         keyring,
         index,
         Arc::new(Metrics::default()),
-        rewrap_per_second,
-        pod_secret_grace,
-        Some(unique("cluster-test-controller")),
+        Settings {
+            rewrap_per_second,
+            pod_secret_grace,
+            reporter_instance: Some(unique("cluster-test-controller")),
+            ..Settings::default()
+        },
     ));
-    tokio::spawn(controller::run(
+    tokio::spawn(controller::run_controllers(
         ctx.clone(),
         guard.stop.clone().cancelled_owned(),
     ));
@@ -617,7 +620,7 @@ impl Replica {
         };
         let (leader_tx, leader) = watch::channel(false);
         let stop = guard.stop.child_token();
-        let task = tokio::spawn(elector.run(leader_tx, stop.clone()));
+        let task = tokio::spawn(elector.hold(leader_tx, stop.clone()));
         Self {
             identity: identity.into(),
             leader,
