@@ -13,10 +13,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
+use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// What a replica does with the Lease it just read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,9 +219,9 @@ impl Elector {
 
     /// Hold or wait for the Lease, publishing leadership on `leader`, until `until` is
     /// cancelled; then release it if held. Pass a token cancelled once whatever the Lease
-    /// guards has stopped writing. Returns an error when leadership is lost (not renewed in
-    /// time, or taken over), after publishing `false`, so the process exits and restarts clean
-    /// rather than keep a controller that may still be writing.
+    /// guards has stopped writing (see [`Elector::lead`]). Returns an error when leadership is
+    /// lost (not renewed by its deadline, or taken over), after publishing `false`, so the
+    /// process exits and restarts clean rather than keep a controller that may still write.
     pub async fn hold(
         self,
         leader: watch::Sender<bool>,
@@ -231,73 +232,102 @@ impl Elector {
         let mut observed = None;
         // Set while leading: when the last successful renewal was sent.
         let mut renewed: Option<Instant> = None;
+        let mut last_error = None;
         loop {
+            let deadline = renewed.map(|last| renew_deadline(last, self.duration));
+            if let (Some(last), Some(deadline)) = (renewed, deadline)
+                && Instant::now() >= deadline
+            {
+                leader.send_replace(false);
+                return Err(LeaseError::RenewFailed {
+                    name: self.name.clone(),
+                    within: deadline - last,
+                    source: last_error.unwrap_or(RoundError::TimedOut),
+                });
+            }
             // A leader's round may take until its deadline; a follower's is bounded so a
             // hung request does not stall it.
-            let deadline = match renewed {
-                Some(renewed) => renew_deadline(renewed, self.duration),
-                None => Instant::now() + renew_every,
-            };
+            let round_deadline = deadline.unwrap_or_else(|| Instant::now() + renew_every);
             let outcome = tokio::select! {
-                () = until.cancelled() => {
-                    return self.stop(&leader).await;
-                }
-                outcome = tokio::time::timeout_at(deadline, self.round(&mut observed)) => {
+                () = until.cancelled() => return self.stop(&leader, renew_every).await,
+                outcome = tokio::time::timeout_at(round_deadline, self.round(&mut observed)) => {
                     match outcome {
                         Ok(result) => result.map_err(RoundError::Api),
                         Err(_) => Err(RoundError::TimedOut),
                     }
                 }
             };
-            match outcome {
+            let wait = match outcome {
                 Ok(Some(sent)) => {
                     if renewed.is_none() {
                         tracing::info!(lease = %self.name, identity = %self.identity, "became leader");
                         leader.send_replace(true);
                     }
                     renewed = Some(sent);
+                    last_error = None;
+                    renew_every
                 }
                 Ok(None) if renewed.is_some() => {
                     leader.send_replace(false);
                     return Err(LeaseError::Lost(self.name.clone()));
                 }
-                Ok(None) => {}
-                Err(source) => {
-                    if let Some(last) = renewed
-                        && Instant::now() >= renew_deadline(last, self.duration)
-                    {
-                        leader.send_replace(false);
-                        return Err(LeaseError::RenewFailed {
-                            name: self.name.clone(),
-                            within: renew_deadline(last, self.duration) - last,
-                            source,
-                        });
-                    }
-                    tracing::warn!(lease = %self.name, error = %source, "leader election round failed");
+                Ok(None) => retry_every,
+                Err(error) => {
+                    tracing::warn!(lease = %self.name, %error, "leader election round failed");
+                    last_error = Some(error);
+                    retry_every
                 }
+            };
+            // A leader wakes by its deadline at the latest, to stop writing then.
+            let mut next = Instant::now() + wait;
+            if let Some(last) = renewed {
+                next = next.min(renew_deadline(last, self.duration));
             }
-            let next = match renewed {
-                // Renew early enough to retry within the deadline.
-                Some(_) => Instant::now() + renew_every,
-                None => Instant::now() + retry_every,
-            };
-            let next = match renewed {
-                Some(last) => next.min(renew_deadline(last, self.duration)),
-                None => next,
-            };
             tokio::select! {
-                () = until.cancelled() => return self.stop(&leader).await,
+                () = until.cancelled() => return self.stop(&leader, renew_every).await,
                 () = tokio::time::sleep_until(next) => {}
             }
         }
     }
 
-    /// Stop leading (whatever the Lease guards has stopped) and release the Lease if held.
-    async fn stop(&self, leader: &watch::Sender<bool>) -> Result<(), LeaseError> {
+    /// Hold or wait for the Lease until `stop`, running `work` while leading: `work` is given
+    /// a future that resolves on `stop` (stop gracefully then; the Lease is still renewed
+    /// meanwhile), and is dropped at once if leadership is lost. The Lease is released only
+    /// after `work` has ended, so no replica takes over while this one may still write.
+    pub async fn lead<W, F>(self, stop: CancellationToken, work: W) -> Result<(), LeaseError>
+    where
+        W: FnOnce(WaitForCancellationFutureOwned) -> F,
+        F: Future<Output = ()>,
+    {
+        let (leader_tx, mut leader) = watch::channel(false);
+        let work_ended = CancellationToken::new();
+        let election = self.hold(leader_tx, work_ended.clone());
+        let guarded = async move {
+            // However this ends, the elector may release the Lease afterwards.
+            let _ended = work_ended.drop_guard();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                became = leader.wait_for(|leading| *leading) => if became.is_err() { return },
+            }
+            let lost = leader.wait_for(|leading| !*leading);
+            tokio::select! {
+                () = work(stop.cancelled_owned()) => {}
+                // Another replica may acquire the Lease soon: nothing more may be written.
+                _ = lost => tracing::warn!("leadership lost; stopped at once"),
+            }
+        };
+        let (result, ()) = tokio::join!(election, guarded);
+        result
+    }
+
+    /// Stop leading and release the Lease if held (within `bound`: a hung release must not
+    /// hold up shutdown; the Lease then expires on its own).
+    async fn stop(&self, leader: &watch::Sender<bool>, bound: Duration) -> Result<(), LeaseError> {
         if *leader.borrow() {
             leader.send_replace(false);
-            self.release().await;
-            tracing::info!(lease = %self.name, "released leadership");
+            if tokio::time::timeout(bound, self.release()).await.is_ok() {
+                tracing::info!(lease = %self.name, "released leadership");
+            }
         }
         Ok(())
     }
@@ -467,5 +497,197 @@ mod tests {
         );
         assert_eq!(created.lease_transitions, Some(0));
         assert_eq!(created.lease_duration_seconds, Some(15));
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The elector against a fake API server holding one Lease, on tokio's paused clock.
+
+    use crate::testing::{ApiServerHandle, mock_client};
+    use http::{Method, Response};
+    use http_body_util::BodyExt as _;
+    use kube::client::Body;
+    use std::sync::{Arc, Mutex};
+
+    const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";
+
+    /// What the fake API server holds and saw: each accepted write with its time and holder.
+    #[derive(Default)]
+    struct FakeLeases {
+        lease: Option<Lease>,
+        writes: Vec<(Instant, Option<String>)>,
+        version: u64,
+        failing: bool,
+    }
+
+    fn shared() -> Arc<Mutex<FakeLeases>> {
+        Arc::new(Mutex::new(FakeLeases::default()))
+    }
+
+    fn status(code: u16) -> Response<Body> {
+        let reason = match code {
+            404 => "NotFound",
+            409 => "Conflict",
+            _ => "InternalError",
+        };
+        let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": "fake"});
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+
+    async fn serve(mut handle: ApiServerHandle, state: Arc<Mutex<FakeLeases>>) {
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().clone();
+            let path = request.uri().path().to_owned();
+            let bytes = request.into_body().collect().await.unwrap().to_bytes();
+            let mut state = state.lock().unwrap();
+            let response = if state.failing {
+                status(500)
+            } else if method == Method::GET {
+                match &state.lease {
+                    Some(lease) => Response::new(Body::from(serde_json::to_vec(lease).unwrap())),
+                    None => status(404),
+                }
+            } else {
+                assert!(path.starts_with(LEASE_PATH), "{method} {path}");
+                let mut lease: Lease = serde_json::from_slice(&bytes).unwrap();
+                let stored_version = state
+                    .lease
+                    .as_ref()
+                    .and_then(|l| l.metadata.resource_version.clone());
+                if method == Method::PUT && lease.metadata.resource_version != stored_version {
+                    status(409)
+                } else {
+                    state.version += 1;
+                    lease.metadata.resource_version = Some(state.version.to_string());
+                    let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
+                    state.writes.push((Instant::now(), holder));
+                    state.lease = Some(lease.clone());
+                    Response::new(Body::from(serde_json::to_vec(&lease).unwrap()))
+                }
+            };
+            send.send_response(response);
+        }
+    }
+
+    fn elector(state: &Arc<Mutex<FakeLeases>>) -> Elector {
+        let (client, handle) = mock_client();
+        tokio::spawn(serve(handle, state.clone()));
+        Elector {
+            api: Api::namespaced(client, "ns"),
+            name: "lease".into(),
+            identity: "me".into(),
+            duration: 15 * SECOND,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_renew_stops_leading_at_its_deadline() {
+        let state = shared();
+        let (leader_tx, mut leader) = watch::channel(false);
+        let holding = tokio::spawn(elector(&state).hold(leader_tx, CancellationToken::new()));
+        leader.wait_for(|leading| *leading).await.unwrap();
+        let (acquired, _) = state.lock().unwrap().writes[0].clone();
+        state.lock().unwrap().failing = true;
+        let error = holding.await.unwrap().unwrap_err();
+        assert_eq!(
+            Instant::now(),
+            acquired + 10 * SECOND,
+            "stepped down two thirds of the duration after the last renewal was sent"
+        );
+        assert!(!*leader.borrow());
+        let LeaseError::RenewFailed { within, source, .. } = error else {
+            panic!("expected a renewal failure, got {error:?}");
+        };
+        assert_eq!(within, 10 * SECOND);
+        assert!(matches!(source, RoundError::Api(_)), "{source:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_is_released_only_after_the_work_has_stopped_and_renewed_meanwhile() {
+        let state = shared();
+        let stop = CancellationToken::new();
+        let ended = Arc::new(Mutex::new(None));
+        let recorded = ended.clone();
+        let leading = tokio::spawn(elector(&state).lead(stop.clone(), |shutdown| async move {
+            shutdown.await;
+            // A graceful stop longer than a renewal interval.
+            tokio::time::sleep(7 * SECOND).await;
+            *recorded.lock().unwrap() = Some(Instant::now());
+        }));
+        while state.lock().unwrap().writes.is_empty() {
+            tokio::time::sleep(SECOND).await;
+        }
+        let stopped = Instant::now();
+        stop.cancel();
+        leading.await.unwrap().unwrap();
+        let ended = ended.lock().unwrap().expect("the work ran and ended");
+        let writes = state.lock().unwrap().writes.clone();
+        let (released, holder) = writes.last().unwrap().clone();
+        assert_eq!(holder, None, "the Lease is released");
+        assert!(
+            released >= ended,
+            "released at {released:?}, work ended at {ended:?}"
+        );
+        assert!(
+            writes.iter().any(|(at, holder)| *at > stopped
+                && *at < ended
+                && holder.as_deref() == Some("me")),
+            "the Lease is renewed while the work stops gracefully: {writes:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_leadership_drops_the_work_at_once_and_releases_nothing() {
+        struct DropFlag(Arc<Mutex<bool>>);
+        impl Drop for DropFlag {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap() = true;
+            }
+        }
+        let state = shared();
+        let dropped = Arc::new(Mutex::new(false));
+        let flag = DropFlag(dropped.clone());
+        let leading = tokio::spawn(elector(&state).lead(
+            CancellationToken::new(),
+            |shutdown| async move {
+                let _flag = flag;
+                shutdown.await;
+            },
+        ));
+        while state.lock().unwrap().writes.is_empty() {
+            tokio::time::sleep(SECOND).await;
+        }
+        // Another replica takes the Lease over (as after a long pause of this one).
+        {
+            let mut state = state.lock().unwrap();
+            state.version += 1;
+            let version = state.version.to_string();
+            let lease = state.lease.as_mut().unwrap();
+            lease.metadata.resource_version = Some(version);
+            lease.spec.as_mut().unwrap().holder_identity = Some("other".into());
+        }
+        let error = leading.await.unwrap().unwrap_err();
+        assert!(matches!(error, LeaseError::Lost(_)), "{error:?}");
+        assert!(*dropped.lock().unwrap(), "the work was dropped");
+        let state = state.lock().unwrap();
+        assert_eq!(
+            state.writes.len(),
+            1,
+            "no renewal or release after the takeover"
+        );
+        assert_eq!(
+            state
+                .lease
+                .as_ref()
+                .unwrap()
+                .spec
+                .as_ref()
+                .unwrap()
+                .holder_identity
+                .as_deref(),
+            Some("other")
+        );
     }
 }

@@ -17,7 +17,6 @@ use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -314,36 +313,22 @@ async fn pod_secret_controller(ctx: Arc<Context>, scope: &WatchScope, shutdown: 
         .await;
 }
 
-/// Wait for leadership, then run the controllers until `stop` or until leadership is lost.
-/// The Lease is released only once the controllers have stopped, so no replica takes over
-/// while this one may still write. Returns the elector's error when leadership was lost, so
-/// the process exits and restarts clean.
+/// Wait for leadership, then run the controllers until `stop` (gracefully) or until
+/// leadership is lost (at once). The Lease is released only once the controllers have stopped,
+/// so no replica takes over while this one may still write. Returns the elector's error when
+/// leadership was lost, so the process exits and restarts clean.
 pub async fn run_controller_while_leader(
     ctx: Arc<Context>,
     elector: Elector,
     stop: CancellationToken,
 ) -> Result<(), LeaseError> {
-    let (leader_tx, mut leader) = watch::channel(false);
-    let controllers_stopped = CancellationToken::new();
-    let election = elector.hold(leader_tx, controllers_stopped.clone());
-    let controllers = async move {
-        // However this ends, the elector may release the Lease afterwards.
-        let _stopped = controllers_stopped.drop_guard();
-        tokio::select! {
-            () = stop.cancelled() => return,
-            became = leader.wait_for(|leading| *leading) => if became.is_err() { return },
-        }
-        tracing::info!("starting the controllers");
-        let lost = leader.wait_for(|leading| !*leading);
-        tokio::select! {
-            // Graceful: reconciles in flight finish while the Lease is still held and renewed.
-            () = run_controllers(ctx, stop.cancelled_owned()) => tracing::info!("controllers stopped"),
-            // Abrupt: another replica may acquire the Lease soon, so nothing more is written.
-            _ = lost => tracing::warn!("leadership lost; controllers stopped at once"),
-        }
-    };
-    let (result, ()) = tokio::join!(election, controllers);
-    result
+    elector
+        .lead(stop, |shutdown| async move {
+            tracing::info!("starting the controllers");
+            run_controllers(ctx, shutdown).await;
+            tracing::info!("controllers stopped");
+        })
+        .await
 }
 
 #[cfg(test)]
