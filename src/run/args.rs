@@ -239,6 +239,52 @@ pub fn parse_synthetic(text: &str) -> Result<(usize, usize), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{Command, FromArgMatches as _};
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let command = RunArgs::augment_args(Command::new("run"));
+        let matches = command
+            .try_get_matches_from(std::iter::once("run").chain(args.iter().copied()))
+            .unwrap();
+        RunArgs::from_arg_matches(&matches).unwrap()
+    }
+
+    #[test]
+    fn every_flag_but_the_benchmark_switch_has_an_environment_fallback() {
+        let command = RunArgs::augment_args(Command::new("run"));
+        let without: Vec<&str> = command
+            .get_arguments()
+            .filter(|arg| arg.get_env().is_none())
+            .map(|arg| arg.get_id().as_str())
+            .collect();
+        assert_eq!(without, ["bench_synthetic_cache"]);
+    }
+
+    #[test]
+    fn controller_flags_have_safe_defaults_and_parse() {
+        let defaults = run_args(&[]);
+        assert_eq!(defaults.max_concurrent_reconciles, 4);
+        assert_eq!(defaults.watch_failure_grace, Duration::from_secs(30));
+        assert!(defaults.sandbox_namespaces.is_empty());
+        let set = run_args(&[
+            "--max-concurrent-reconciles",
+            "8",
+            "--watch-failure-grace",
+            "1m",
+            "--sandbox-namespaces",
+            "team-a,team-b",
+        ]);
+        assert_eq!(set.max_concurrent_reconciles, 8);
+        assert_eq!(set.watch_failure_grace, Duration::from_secs(60));
+        assert_eq!(set.sandbox_namespaces, ["team-a", "team-b"]);
+        let command = RunArgs::augment_args(Command::new("run"));
+        assert!(
+            command
+                .try_get_matches_from(["run", "--max-concurrent-reconciles", "0"])
+                .is_err(),
+            "zero would mean unbounded to kube-runtime"
+        );
+    }
 
     #[test]
     fn durations_parse_with_units() {
