@@ -218,4 +218,82 @@ mod tests {
         assert!(proves_alive(&Event::Apply(Secret::default())));
         assert!(proves_alive(&Event::Delete(Secret::default())));
     }
+
+    /// A fake API server for AgentSecrets: while healthy, lists answer (empty) and watches
+    /// stay open; while failing, everything answers 500 and open watches are cut.
+    struct FakeAgentSecrets {
+        healthy: bool,
+        open_watches: Vec<tower_test::mock::SendResponse<http::Response<kube::client::Body>>>,
+    }
+
+    async fn serve(
+        mut handle: crate::testing::ApiServerHandle,
+        state: Arc<std::sync::Mutex<FakeAgentSecrets>>,
+    ) {
+        while let Some((request, send)) = handle.next_request().await {
+            let watch = request
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .contains("watch=true");
+            let mut state = state.lock().unwrap();
+            if !state.healthy {
+                let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "reason": "InternalError", "message": "down"});
+                send.send_response(
+                    http::Response::builder()
+                        .status(500)
+                        .body(kube::client::Body::from(
+                            serde_json::to_vec(&status).unwrap(),
+                        ))
+                        .unwrap(),
+                );
+            } else if watch {
+                state.open_watches.push(send);
+            } else {
+                let list = serde_json::json!({"apiVersion": "agentsecrets.io/v1alpha1", "kind": "AgentSecretList", "metadata": {"resourceVersion": "1"}, "items": []});
+                send.send_response(http::Response::new(kube::client::Body::from(
+                    serde_json::to_vec(&list).unwrap(),
+                )));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_follows_the_agentsecret_watch_through_an_outage() {
+        let state = Arc::new(std::sync::Mutex::new(FakeAgentSecrets {
+            healthy: true,
+            open_watches: Vec::new(),
+        }));
+        let (client, handle) = crate::testing::mock_client();
+        tokio::spawn(serve(handle, state.clone()));
+        let index = Arc::new(SecretIndex::with_watch_failure_grace(Duration::from_secs(
+            30,
+        )));
+        let stop = CancellationToken::new();
+        let watching = tokio::spawn(watch_agentsecrets(client, index.clone(), stop.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(index.unready_reason(), None, "listed, watching");
+
+        // The API server goes away: the open watch is cut and every retry fails.
+        {
+            let mut state = state.lock().unwrap();
+            state.healthy = false;
+            state.open_watches.clear();
+        }
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert_eq!(index.unready_reason(), None, "within the grace period");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(index.unready_reason(), Some(super::super::WATCH_FAILING));
+
+        // It comes back: the next retry lists again, which proves the watch sees the cluster.
+        state.lock().unwrap().healthy = true;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(index.unready_reason(), None, "ready again after a relist");
+        assert!(
+            !state.lock().unwrap().open_watches.is_empty(),
+            "watching again"
+        );
+        stop.cancel();
+        watching.await.unwrap();
+    }
 }
