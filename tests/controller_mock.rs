@@ -310,3 +310,69 @@ async fn a_young_orphan_is_looked_at_again_when_its_grace_ends() {
         "{action:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Sandbox namespaces
+
+#[tokio::test(start_paused = true)]
+async fn with_sandbox_namespaces_secrets_and_pods_are_watched_only_there() {
+    use agent_secrets::cache::WatchScope;
+    let (ctx, mut handle) = context_with(
+        Keyring::generate("k1").unwrap(),
+        Settings {
+            sandbox_scopes: vec![
+                WatchScope::Namespace("team-a".into()),
+                WatchScope::Namespace("team-b".into()),
+            ],
+            ..test_settings()
+        },
+    );
+    let running = tokio::spawn(agent_secrets::controller::run_controllers(
+        ctx,
+        std::future::pending(),
+    ));
+    // Answer every list with an empty one and keep every watch open, noting each path.
+    let mut paths = Vec::new();
+    let mut open_watches = Vec::new();
+    let wanted = [
+        "/apis/agentsecrets.io/v1alpha1/agentsecrets",
+        "/api/v1/namespaces/team-a/secrets",
+        "/api/v1/namespaces/team-b/secrets",
+        "/api/v1/namespaces/team-a/pods",
+        "/api/v1/namespaces/team-b/pods",
+    ];
+    while !wanted.iter().all(|w| paths.iter().any(|p: &String| p == w)) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("not every watch started; requests: {paths:?}"))
+            .unwrap();
+        paths.push(request.uri().path().to_owned());
+        if request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .contains("watch=true")
+        {
+            open_watches.push(send);
+        } else {
+            let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []});
+            send.send_response(
+                http::Response::builder()
+                    .body(kube::client::Body::from(serde_json::to_vec(&list).unwrap()))
+                    .unwrap(),
+            );
+        }
+    }
+    let cluster_wide: Vec<&String> = paths
+        .iter()
+        .filter(|p| p.as_str() == "/api/v1/secrets" || p.as_str() == "/api/v1/pods")
+        .collect();
+    assert!(
+        cluster_wide.is_empty(),
+        "Secrets or pods watched cluster-wide: {paths:?}"
+    );
+    // Graceful shutdown is not what this checks: stop at once.
+    running.abort();
+    let _ = running.await;
+    drop(open_watches);
+}

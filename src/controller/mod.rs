@@ -322,14 +322,32 @@ pub async fn run_controller_while_leader(
     elector: Elector,
     stop: CancellationToken,
 ) -> Result<(), LeaseError> {
+    let stopped = stop.clone();
     elector
         .lead(stop, |shutdown| async move {
             tracing::info!("starting the controllers");
-            run_controllers(ctx, shutdown).await;
-            tracing::info!("controllers stopped");
+            // kube-runtime's graceful shutdown waits for reconciles in flight, and its runner
+            // waits for its cache to have synced (which a sandbox namespace without RBAC never
+            // does): bound it, so a stuck controller neither blocks the process's exit nor
+            // holds the Lease until SIGKILL.
+            let overdue = async {
+                stopped.cancelled().await;
+                tokio::time::sleep(CONTROLLER_SHUTDOWN_GRACE).await;
+            };
+            tokio::select! {
+                () = run_controllers(ctx, shutdown) => tracing::info!("controllers stopped"),
+                () = overdue => tracing::warn!(
+                    grace = ?CONTROLLER_SHUTDOWN_GRACE,
+                    "controllers did not stop gracefully in time; stopped at once"
+                ),
+            }
         })
         .await
 }
+
+/// How long the controllers may take to stop gracefully on shutdown before they are dropped
+/// (within the pod's default 30 s termination grace, next to the webhook's own drain).
+pub const CONTROLLER_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
