@@ -222,9 +222,9 @@ pub fn default_key_id() -> String {
 }
 
 /// Run the parsed command.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => crate::run::run(*args).await,
+        Command::Run(args) => crate::run::run_operator(*args).await,
         Command::Crd => {
             print!(
                 "{}",
