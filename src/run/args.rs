@@ -86,6 +86,8 @@ pub struct RunArgs {
     /// How often the keyring and TLS files are checked for changes.
     #[arg(long, env = "AGENTSECRETS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
     /// Benchmark mode, without a cluster: fill the cache with OWNERSxSECRETS synthetic
     /// AgentSecrets (owners `user-N`, namespace `bench`) sealed under the keyring's primary, and
     /// discard pod-scoped Secrets instead of creating them. Nothing is watched or reconciled.
@@ -99,6 +101,34 @@ pub struct RunArgs {
         default_value = "json"
     )]
     pub log_format: LogFormat,
+}
+
+/// What the operator creates and keeps for itself at run time, in its own namespace
+/// (`--lease-namespace`, from `POD_NAMESPACE`), so that no key material is ever rendered by Helm.
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    /// Create this Secret holding a fresh keyring (key `keyring.yaml`) when it does not exist;
+    /// an existing one is never changed. Mount it where `--keyring` reads.
+    #[arg(long, env = "AGENTSECRETS_KEYRING_SECRET")]
+    pub keyring_secret: Option<String>,
+    /// Id of the first key of a keyring created by `--keyring-secret` [default:
+    /// kek-YYYYMMDD-HHMMSS].
+    #[arg(long, env = "AGENTSECRETS_INITIAL_KEY_ID", requires = "keyring_secret")]
+    pub initial_key_id: Option<String>,
+    /// Generate the webhook's CA and serving certificate into this Secret and renew them before
+    /// they expire. Mount it where `--tls-cert`/`--tls-key` read.
+    #[arg(long, env = "AGENTSECRETS_TLS_SECRET", requires = "webhook_service")]
+    pub tls_secret: Option<String>,
+    /// The webhook's Service, whose DNS names the generated serving certificate is for.
+    #[arg(long, env = "AGENTSECRETS_WEBHOOK_SERVICE")]
+    pub webhook_service: Option<String>,
+    /// The MutatingWebhookConfiguration whose `caBundle` is kept set to the generated CA.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_WEBHOOK_CONFIGURATION",
+        requires = "tls_secret"
+    )]
+    pub webhook_configuration: Option<String>,
 }
 
 /// The admission policy's flags, shared by `run` and the offline `inject` preview so that both

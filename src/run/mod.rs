@@ -3,11 +3,15 @@
 
 mod args;
 
-pub use args::{PolicyArgs, RunArgs, operator_username, parse_duration, parse_synthetic};
+pub use args::{
+    BootstrapArgs, PolicyArgs, RunArgs, operator_username, parse_duration, parse_synthetic,
+};
 
 use anyhow::Context as _;
 use axum_server::tls_rustls::RustlsConfig;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{
@@ -42,6 +46,33 @@ async fn termination_signal() {
     }
 }
 
+/// The webhook's TLS configuration once both files exist and load, checked every 2 s; `None`
+/// when stopped first.
+async fn wait_for_tls(cert: &Path, key: &Path, stop: &CancellationToken) -> Option<RustlsConfig> {
+    let mut waited = 0u32;
+    loop {
+        match RustlsConfig::from_pem_file(cert, key).await {
+            Ok(tls) => return Some(tls),
+            Err(error) => {
+                // Once at first, then every 30 s: the file appears when the kubelet projects
+                // the Secret, usually within a minute of its creation.
+                if waited.is_multiple_of(15) {
+                    tracing::info!(
+                        cert = %cert.display(),
+                        %error,
+                        "waiting for the webhook's serving certificate"
+                    );
+                }
+            }
+        }
+        waited += 1;
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
 /// Run the operator until SIGTERM.
 pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
@@ -61,6 +92,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         watch_failure_grace,
         sandbox_namespaces,
         reload_interval,
+        bootstrap,
         bench_synthetic_cache,
         log_format,
     } = args;
@@ -84,15 +116,6 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?,
         ),
     };
-    let tls = RustlsConfig::from_pem_file(&tls_cert, &tls_key)
-        .await
-        .with_context(|| {
-            format!(
-                "failed to load the webhook certificate {} and key {}",
-                tls_cert.display(),
-                tls_key.display()
-            )
-        })?;
     let webhook_listener = server::bind(webhook_addr)
         .with_context(|| format!("failed to listen on {webhook_addr}"))?;
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
@@ -129,6 +152,20 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(client) = client.clone() {
+        let plan = crate::bootstrap::Plan::from_args(&bootstrap, &lease_namespace);
+        if !plan.is_empty() {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                crate::bootstrap::maintain(client, plan, stop.cancelled_owned()).await;
+                Ok(())
+            });
+        }
+    }
+    // The serving certificate may not exist yet: on a first install this process generates it
+    // (above) and the kubelet then projects the Secret into the pod. Until it is loaded the
+    // webhook does not serve and the replica is not ready.
+    let tls_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let stop = stop.clone();
         tasks.spawn(async move {
@@ -138,21 +175,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    {
-        let stop = stop.clone();
-        let tls = tls.clone();
-        tasks.spawn(async move {
-            server::watch_tls_files(
-                tls,
-                tls_cert,
-                tls_key,
-                reload_interval,
-                stop.cancelled_owned(),
-            )
-            .await;
-            Ok(())
-        });
-    }
+
     if let Some(client) = client.clone() {
         let stop = stop.clone();
         tasks.spawn(async move {
@@ -172,15 +195,43 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     {
         let stop = stop.clone();
         let router = server::webhook_router(state.clone());
+        let tls_loaded = tls_loaded.clone();
         tasks.spawn(async move {
-            server::serve_webhook(webhook_listener, tls, router, stop.cancelled_owned())
-                .await
-                .context("webhook server failed")
+            let Some(tls) = wait_for_tls(&tls_cert, &tls_key, &stop).await else {
+                return Ok(());
+            };
+            tls_loaded.store(true, std::sync::atomic::Ordering::Release);
+            let reload = server::watch_tls_files(
+                tls.clone(),
+                tls_cert,
+                tls_key,
+                reload_interval,
+                stop.clone().cancelled_owned(),
+            );
+            let serve =
+                server::serve_webhook(webhook_listener, tls, router, stop.cancelled_owned());
+            let (served, ()) = tokio::join!(serve, reload);
+            served.context("webhook server failed")
         });
     }
     {
         let stop = stop.clone();
-        let router = server::admin_router(state.clone());
+        let router = server::admin_router(state.clone()).layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let tls_loaded = tls_loaded.load(std::sync::atomic::Ordering::Acquire);
+                async move {
+                    if request.uri().path() == "/readyz" && !tls_loaded {
+                        use axum::response::IntoResponse as _;
+                        return (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "the webhook's serving certificate is not loaded yet",
+                        )
+                            .into_response();
+                    }
+                    next.run(request).await
+                }
+            },
+        ));
         tasks.spawn(async move {
             server::serve_admin(admin_listener, router, stop.cancelled_owned())
                 .await

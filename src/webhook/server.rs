@@ -149,10 +149,8 @@ impl AppState {
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if self.keyring.current().is_none() {
             Some("no keyring loaded")
-        } else if !self.index.is_synced() {
-            Some("AgentSecret cache has not synced")
         } else {
-            None
+            self.index.unready_reason()
         }
     }
 }
