@@ -45,6 +45,9 @@ pub enum Command {
     List(ListArgs),
     /// Delete a secret; sandboxes started afterwards no longer get it.
     Delete(DeleteArgs),
+    /// Run the secretless egress proxy beside a sandbox: it swaps placeholders for values in
+    /// requests to each secret's allowed hosts and refuses them elsewhere.
+    Proxy(Box<crate::secretless::ProxyArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +234,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete(args) => {
             crate::tools::user::delete(&args.env_name, &args.owner, args.namespace, args.yes).await
         }
+        Command::Proxy(args) => crate::secretless::run(*args).await,
         Command::Keys(KeysCommand::Generate(args)) => {
             let out = generate_keyring(&args)?;
             std::io::stdout()
