@@ -96,6 +96,7 @@ pub fn standard_snapshot() -> Snapshot {
 }
 
 /// The upstream servers' own CA and a certificate for every test host.
+#[derive(Clone)]
 pub struct UpstreamPki {
     pub ca_der: CertificateDer<'static>,
     pub ca_pem: String,
