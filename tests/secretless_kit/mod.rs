@@ -172,7 +172,7 @@ impl Recorded {
 ///
 /// Routes: `/echo` answers with the received `Authorization` header in a response header
 /// and, split into 3-byte frames, in the body; `/upload` reports each body chunk as it
-/// arrives (see [`Upstream::chunks`]); `/ws` accepts a WebSocket handshake and then echoes
+/// arrives (see [`Upstream::chunks`]); `/bytes?n=N` answers N bytes; `/ws` accepts a WebSocket handshake and then echoes
 /// raw bytes; anything else answers `ok`.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -339,6 +339,13 @@ async fn handle(
             .header("content-length", text.len())
             .body(StreamBody::new(futures::stream::iter(frames)).boxed())
             .unwrap();
+    }
+    if path == "/bytes" {
+        let n: usize = query
+            .strip_prefix("n=")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        return Response::new(full(vec![b'x'; n]));
     }
     Response::new(full("ok"))
 }
@@ -526,8 +533,16 @@ impl SandboxClient {
 
     pub async fn send_raw(&mut self, req: Request<ClientBody>) -> Response<Incoming> {
         match &mut self.sender {
-            Sender::H1(s) => s.send_request(req).await.unwrap(),
-            Sender::H2(s) => s.send_request(req).await.unwrap(),
+            Sender::H1(s) => {
+                // HTTP/1.1: the connection is ready for the next request only once the
+                // previous response is fully read and the connection idle again.
+                s.ready().await.unwrap();
+                s.send_request(req).await.unwrap()
+            }
+            Sender::H2(s) => {
+                s.ready().await.unwrap();
+                s.send_request(req).await.unwrap()
+            }
         }
     }
 
