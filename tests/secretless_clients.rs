@@ -327,3 +327,21 @@ fn the_proxy_refuses_a_non_loopback_listen_address() {
     assert!(stderr.contains("--allow-non-loopback"), "{stderr}");
     assert!(!Path::new(&dir.path().join("bundle.pem")).exists());
 }
+
+#[test]
+fn proxy_help_explains_the_loopback_rule_and_the_values_file() {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentsecrets"))
+        .args(["proxy", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--allow-non-loopback",
+        "--values-file",
+        "--ca-bundle",
+        "--upstream-ca",
+    ] {
+        assert!(help.contains(needle), "proxy help lacks {needle}:\n{help}");
+    }
+}
