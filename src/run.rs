@@ -2,7 +2,6 @@
 //! and the controller together, and shut them all down on SIGTERM.
 
 use anyhow::Context as _;
-use axum_server::tls_rustls::RustlsConfig;
 use clap::Args;
 use futures::StreamExt as _;
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -48,6 +47,11 @@ pub struct RunArgs {
         default_value = "/etc/agentsecrets/tls/tls.key"
     )]
     pub tls_key: PathBuf,
+    /// PEM CA bundle; when set, the webhook requires a client certificate issued by it (the
+    /// API server's, from its AdmissionConfiguration kubeConfigFile). Reloaded with the
+    /// certificate.
+    #[arg(long, env = "AGENTSECRETS_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
     /// Keyring file (`primary: <id>`, `keys: [{id, key}]`); reloaded when it changes.
     #[arg(
         long,
@@ -335,6 +339,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin_addr,
         tls_cert,
         tls_key,
+        client_ca,
         keyring,
         policy,
         pod_secret_grace,
@@ -366,15 +371,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?,
         ),
     };
-    let tls = RustlsConfig::from_pem_file(&tls_cert, &tls_key)
-        .await
-        .with_context(|| {
+    let tls = crate::webhook::tls::load(&tls_cert, &tls_key, client_ca.as_deref()).with_context(
+        || {
             format!(
                 "failed to load the webhook certificate {} and key {}",
                 tls_cert.display(),
                 tls_key.display()
             )
-        })?;
+        },
+    )?;
     let webhook_listener = server::bind(webhook_addr)
         .with_context(|| format!("failed to listen on {webhook_addr}"))?;
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
@@ -428,6 +433,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tls,
                 tls_cert,
                 tls_key,
+                client_ca,
                 reload_interval,
                 stop.cancelled_owned(),
             )

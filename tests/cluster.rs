@@ -38,7 +38,6 @@
 //! real clusters have one; a bare kube-apiserver does not).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
 #[path = "cluster/controller.rs"]
 mod controller;
 
@@ -75,7 +74,7 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 // Cluster plumbing
 
 async fn client() -> Client {
-    common::install_crypto_provider();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::try_default().await.unwrap_or_else(|e| {
         panic!("cannot reach a Kubernetes API server (set KUBECONFIG to the test cluster's kubeconfig): {e}")
     })
