@@ -68,7 +68,12 @@ INSTALL_ORDER = [
 CLUSTER_SCOPED = {
     "Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
     "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "PriorityClass",
+    "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
 }
+
+# The three admission policies (and a binding of each) every install ships.
+POLICIES = ("pod-secret-references", "pod-scoped-secrets", "agentsecret-owners")
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
 @dataclass
@@ -87,8 +92,9 @@ SCENARIOS = [
         {},
         expect_kinds={"Deployment", "Service", "ServiceAccount", "Secret", "ClusterRole",
                       "ClusterRoleBinding", "Role", "RoleBinding", "PodDisruptionBudget",
-                      "MutatingWebhookConfiguration"},
-        forbid_kinds={"Certificate", "Issuer", "ServiceMonitor", "NetworkPolicy"},
+                      "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy",
+                      "ValidatingAdmissionPolicyBinding"},
+        forbid_kinds={"Certificate", "Issuer", "ServiceMonitor", "NetworkPolicy", "ConfigMap"},
     ),
     Scenario(
         "manifests (cert-manager, existing keyring)",
@@ -128,6 +134,62 @@ SCENARIOS = [
         expect_kinds={"Certificate"},
         forbid_kinds={"ClusterRole", "ServiceAccount"},
     ),
+    Scenario(
+        "sandbox namespaces: Secret and Pod rights only there",
+        {"sandboxNamespaces": ["sandboxes", "team-b"], "excludedNamespaces": ["monitoring"]},
+        expect_kinds={"ClusterRole", "RoleBinding", "ValidatingAdmissionPolicy"},
+    ),
+    Scenario(
+        "mutual TLS: the API server's client CA",
+        {"webhook": {"clientCA": PEM}},
+        expect_kinds={"ConfigMap"},
+    ),
+    Scenario(
+        "owner binding: prefixes and secret administrators",
+        {"ownerBinding": {"usernamePrefix": "oidc:", "groupPrefix": "tenant:",
+                          "administrators": ["system:serviceaccount:platform:secrets-api",
+                                             "group:platform-admins", "carol@example.com"]},
+         "maxUnadoptedPodSecrets": 250},
+        expect_kinds={"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"},
+    ),
+    Scenario(
+        "Secrets page behind an oauth2-proxy sidecar, a namespace per user",
+        {
+            "ui": {
+                "enabled": True,
+                "namespaceTemplate": "user-{user}",
+                "trustedProxyCIDRs": ["127.0.0.1/32"],
+                "listenAddress": "127.0.0.1",
+                "ownerUsernamePrefix": "oidc:",
+                "impersonableGroups": ["research", "platform-users"],
+                "service": {"port": 80, "targetPort": "proxy"},
+                "extraContainers": [{
+                    "name": "oauth2-proxy",
+                    "image": "quay.io/oauth2-proxy/oauth2-proxy:v7.7.1",
+                    "args": ["--upstream=http://127.0.0.1:8080/", "--http-address=0.0.0.0:4180",
+                             "--pass-user-headers=true"],
+                    "ports": [{"name": "proxy", "containerPort": 4180}],
+                    "readinessProbe": {"httpGet": {"path": "/ping", "port": "proxy"}},
+                }],
+            },
+            "reservedEnvNames": ["NODE_OPTIONS"],
+        },
+        expect_kinds={"Deployment", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Secret"},
+    ),
+    Scenario(
+        "Secrets page over TLS, proxy client certificate and CIDR, one namespace",
+        {
+            "ui": {
+                "enabled": True,
+                "namespace": "sandboxes",
+                "trustedProxyCIDRs": ["10.42.0.0/16"],
+                "proxyClientCA": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+                "tls": {"secretName": "agent-secrets-ui-tls"},
+                "replicaCount": 2,
+            },
+        },
+        expect_kinds={"Deployment", "ConfigMap", "Secret"},
+    ),
 ]
 
 # Values the schema must refuse, each with why.
@@ -143,6 +205,23 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("an unknown nested key", {"certManager": {"enable": True}}),
     ("a duration without a unit", {"podSecretGrace": "300"}),
     ("a string where a boolean belongs", {"serviceMonitor": {"enabled": "yes"}}),
+    # Administrators and prefixes are rendered into CEL string literals and comma-separated flags.
+    ("an administrator containing a double quote", {"ownerBinding": {"administrators": ['alice" || true || "']}}),
+    ("an administrator containing a single quote", {"ownerBinding": {"administrators": ["o'brien"]}}),
+    ("an administrator containing a backslash", {"ownerBinding": {"administrators": ["dom\\alice"]}}),
+    ("an administrator containing a comma", {"ownerBinding": {"administrators": ["alice,bob"]}}),
+    ("an administrator containing a newline", {"ownerBinding": {"administrators": ["alice\nbob"]}}),
+    ("a group administrator without a name", {"ownerBinding": {"administrators": ["group:"]}}),
+    ("a username prefix containing a quote", {"ownerBinding": {"usernamePrefix": 'oidc"'}}),
+    ("a group prefix containing a backslash", {"ownerBinding": {"groupPrefix": "owner\\"}}),
+    ("an empty group prefix", {"ownerBinding": {"groupPrefix": ""}}),
+    ("an unknown ownerBinding key", {"ownerBinding": {"admins": ["alice"]}}),
+    ("no unadopted pod-scoped Secret allowed at all", {"maxUnadoptedPodSecrets": 0}),
+    ("an invalid sandbox namespace", {"sandboxNamespaces": ["Sandboxes"]}),
+    ("a client CA that is not a PEM certificate", {"webhook": {"clientCA": "not a certificate"}}),
+    ("a namespace template without {user}", {"ui": {"namespaceTemplate": "users"}}),
+    ("a trusted proxy CIDR that is a hostname", {"ui": {"trustedProxyCIDRs": ["proxy.example"]}}),
+    ("an unknown key in the Secrets page settings", {"ui": {"enable": True}}),
 ]
 
 
@@ -203,6 +282,7 @@ def check_objects(scenario: Scenario, rendered: dict[str, str], findings: Findin
     """Every object is well-formed and where it belongs; the branches produced what they should."""
     docs = documents(rendered)
     kinds = {obj.get("kind") for _, _, obj in docs}
+    values = merged_values(scenario.values)
     for path, _, obj in docs:
         where = f"{path}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
         if not isinstance(obj, dict):
@@ -216,8 +296,11 @@ def check_objects(scenario: Scenario, rendered: dict[str, str], findings: Findin
         ns = (obj.get("metadata") or {}).get("namespace")
         if obj.get("kind") in CLUSTER_SCOPED and ns:
             findings.fail(f"{where}: cluster-scoped object has a namespace")
-        if obj.get("kind") not in CLUSTER_SCOPED and ns != NAMESPACE:
-            findings.fail(f"{where}: namespace {ns!r}, expected {NAMESPACE!r}")
+        # The only objects outside the release namespace: the RoleBindings granting Secret and
+        # Pod rights in each sandbox namespace.
+        allowed = {NAMESPACE, *values["sandboxNamespaces"]} if obj.get("kind") == "RoleBinding" else {NAMESPACE}
+        if obj.get("kind") not in CLUSTER_SCOPED and ns not in allowed:
+            findings.fail(f"{where}: namespace {ns!r}, expected one of {sorted(allowed)}")
     for kind in sorted(scenario.expect_kinds - kinds):
         findings.fail(f"no {kind} rendered")
     for kind in sorted(scenario.forbid_kinds & kinds):
@@ -226,15 +309,30 @@ def check_objects(scenario: Scenario, rendered: dict[str, str], findings: Findin
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for _, _, obj in docs:
         by_kind.setdefault(obj["kind"], []).append(obj)
-    values = merged_values(scenario.values)
     check_webhooks(values, by_kind, findings)
     check_deployment(values, by_kind, findings)
+    check_policies(values, by_kind, findings)
+    check_rbac(values, by_kind, findings)
+    check_ui(values, by_kind, findings)
     findings.ok(f"{len(docs)} objects well-formed: {', '.join(sorted(k for k in kinds if k))}")
 
 
 def merged_values(overrides: dict[str, Any]) -> dict[str, Any]:
     with load_chart() as chart:
         return chart.merge_values(overrides)
+
+
+class _Any:
+    """Equal to anything (a wildcard in an expected structure)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY = _Any()
 
 
 def check_webhooks(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
@@ -247,10 +345,20 @@ def check_webhooks(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any
     if set(webhooks) != {"agentsecrets.agentsecrets.io", "pods.agentsecrets.io"}:
         findings.fail(f"unexpected webhooks {sorted(webhooks)}")
         return
-    excluded = set(config["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"])
     want_excluded = {"kube-system", NAMESPACE, *values["excludedNamespaces"]}
-    if excluded != want_excluded:
-        findings.fail(f"namespaceSelector excludes {sorted(excluded)}, expected {sorted(want_excluded)}")
+    want_selector = [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ANY}]
+    if values["sandboxNamespaces"]:
+        want_selector.append({"key": "kubernetes.io/metadata.name", "operator": "In",
+                              "values": values["sandboxNamespaces"]})
+    for name, hook in webhooks.items():
+        expressions = hook["namespaceSelector"]["matchExpressions"]
+        if [{**e, "values": ANY} if e["operator"] == "NotIn" else e for e in expressions] != want_selector:
+            findings.fail(f"webhook {name}: namespaceSelector {expressions}, expected {want_selector}")
+        elif set(expressions[0]["values"]) != want_excluded:
+            findings.fail(f"webhook {name}: namespaceSelector excludes {sorted(expressions[0]['values'])}, "
+                          f"expected {sorted(want_excluded)}")
+    if webhooks["agentsecrets.agentsecrets.io"]["rules"][0]["operations"] != ["CREATE", "UPDATE", "DELETE"]:
+        findings.fail("the AgentSecret webhook must see CREATE, UPDATE and DELETE (owner binding)")
     pods = webhooks["pods.agentsecrets.io"]
     if pods["rules"][0]["operations"] != ["CREATE"]:
         findings.fail("the pod webhook must be CREATE only")
@@ -290,10 +398,15 @@ def check_webhooks(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any
         findings.fail(f"cert-manager.io/inject-ca-from present={inject}, expected {cert_manager and not url}")
 
 
+def container_command(deployment: dict[str, Any]) -> str:
+    """The subcommand a Deployment runs: `run` (the operator) or `ui` (the Secrets page)."""
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
 def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
-    deployments = by_kind.get("Deployment", [])
+    deployments = [d for d in by_kind.get("Deployment", []) if container_command(d) != "ui"]
     if len(deployments) != 1:
-        findings.fail(f"expected one Deployment, got {len(deployments)}")
+        findings.fail(f"expected one operator Deployment, got {len(deployments)}")
         return
     pod = deployments[0]["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -318,6 +431,16 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
         want["allowed-principals"] = ",".join(values["allowedPrincipals"])
     if values["reservedEnvNames"]:
         want["reserved-env-names"] = ",".join(values["reservedEnvNames"])
+    owner_binding = values["ownerBinding"]
+    want["owner-username-prefix"] = owner_binding["usernamePrefix"]
+    want["owner-group-prefix"] = owner_binding["groupPrefix"]
+    if owner_binding["administrators"]:
+        want["secret-administrators"] = ",".join(owner_binding["administrators"])
+    want["max-unadopted-pod-secrets"] = str(values["maxUnadoptedPodSecrets"])
+    if values["sandboxNamespaces"]:
+        want["sandbox-namespaces"] = ",".join(values["sandboxNamespaces"])
+    if values["webhook"]["clientCA"]:
+        want["client-ca"] = "/etc/agentsecrets/client-ca/ca.crt"
     for flag, value in want.items():
         if flags.get(flag) != value:
             findings.fail(f"--{flag} is {flags.get(flag)!r}, expected {value!r}")
@@ -337,9 +460,160 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
     if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
         findings.fail("pod seccompProfile must be RuntimeDefault")
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    for path in ("/etc/agentsecrets/tls", "/etc/agentsecrets/keyring"):
+    paths = ["/etc/agentsecrets/tls", "/etc/agentsecrets/keyring"]
+    if values["webhook"]["clientCA"]:
+        paths.append("/etc/agentsecrets/client-ca")
+    for path in paths:
         if not mounts.get(path, {}).get("readOnly"):
             findings.fail(f"{path} must be mounted read-only")
+    if values["webhook"]["clientCA"]:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        config_map = volumes.get(mounts.get("/etc/agentsecrets/client-ca", {}).get("name"), {}).get("configMap", {})
+        maps = {c["metadata"]["name"]: c for c in by_kind.get("ConfigMap", [])}
+        data = maps.get(config_map.get("name"), {}).get("data", {})
+        if data.get("ca.crt", "").strip() != values["webhook"]["clientCA"].strip():
+            findings.fail("the client CA ConfigMap mounted at /etc/agentsecrets/client-ca does not hold webhook.clientCA")
+    env = {e["name"]: e for e in container["env"]}
+    if env.get("POD_SERVICE_ACCOUNT", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.serviceAccountName":
+        findings.fail("env POD_SERVICE_ACCOUNT must come from the downward API (spec.serviceAccountName)")
+
+
+def check_policies(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
+    """The three admission policies are there, bound with Deny, fail closed, and carry the
+    operator's username and the owner-binding values exactly (the CEL literals parse back)."""
+    policies = {p["metadata"]["name"]: p for p in by_kind.get("ValidatingAdmissionPolicy", [])}
+    bindings = {b["metadata"]["name"]: b for b in by_kind.get("ValidatingAdmissionPolicyBinding", [])}
+    fullname = RELEASE
+    want = {f"{fullname}-{p}" for p in POLICIES}
+    if set(policies) != want or set(bindings) != want:
+        findings.fail(f"expected policies and bindings {sorted(want)}, got {sorted(policies)} and {sorted(bindings)}")
+        return
+    for name, binding in bindings.items():
+        spec = binding["spec"]
+        if spec.get("policyName") != name or spec.get("validationActions") != ["Deny"]:
+            findings.fail(f"binding {name} must bind {name} with validationActions [Deny], got {spec}")
+        if "paramRef" in spec or "matchResources" in spec:
+            findings.fail(f"binding {name} must apply cluster-wide, without params")
+    account = values["serviceAccount"]["name"] or fullname
+    operator = f"system:serviceaccount:{NAMESPACE}:{account}"
+    admin_users = [a for a in values["ownerBinding"]["administrators"] if not a.startswith("group:")]
+    admin_groups = [a[len("group:"):] for a in values["ownerBinding"]["administrators"] if a.startswith("group:")]
+    for name, policy in policies.items():
+        if policy["spec"].get("failurePolicy") != "Fail":
+            findings.fail(f"policy {name}: failurePolicy must be Fail")
+        variables = {v["name"]: v["expression"] for v in policy["spec"].get("variables", [])}
+        literals = {"operator": operator}
+        if name.endswith("agentsecret-owners"):
+            literals.update(usernamePrefix=values["ownerBinding"]["usernamePrefix"],
+                            groupPrefix=values["ownerBinding"]["groupPrefix"],
+                            administratorUsernames=admin_users, administratorGroups=admin_groups)
+        elif name.endswith("pod-secret-references"):
+            literals = {}
+        for variable, expected in literals.items():
+            try:
+                # A CEL string or list-of-strings literal written as JSON reads back as JSON.
+                got = json.loads(variables.get(variable, "null"))
+            except json.JSONDecodeError as error:
+                findings.fail(f"policy {name}: variables.{variable} is not a plain literal: {error}")
+                continue
+            if got != expected:
+                findings.fail(f"policy {name}: variables.{variable} is {got!r}, expected {expected!r}")
+
+
+def check_rbac(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
+    """With sandboxNamespaces, Secret and Pod rights exist only through RoleBindings in those
+    namespaces; without, through the ClusterRoleBinding."""
+    if not values["rbac"]["create"]:
+        return
+    roles = {r["metadata"]["name"]: r for r in by_kind.get("ClusterRole", [])}
+    cluster_bound = {b["roleRef"]["name"] for b in by_kind.get("ClusterRoleBinding", [])}
+
+    def sandbox_rights(role: dict[str, Any]) -> bool:
+        return any(rule.get("apiGroups") == [""] and {"secrets", "pods"} & set(rule.get("resources", []))
+                   for rule in role.get("rules", []))
+
+    cluster_wide = any(sandbox_rights(roles[name]) for name in cluster_bound if name in roles)
+    sandboxes = values["sandboxNamespaces"]
+    if sandboxes and cluster_wide:
+        findings.fail("sandboxNamespaces is set but a ClusterRoleBinding grants Secret or Pod rights")
+    if not sandboxes and not cluster_wide:
+        findings.fail("no Secret and Pod rights: the ClusterRoleBinding must grant them")
+    bound_in = {b["metadata"]["namespace"] for b in by_kind.get("RoleBinding", [])
+                if b["roleRef"]["kind"] == "ClusterRole" and sandbox_rights(roles.get(b["roleRef"]["name"], {}))}
+    if bound_in != set(sandboxes):
+        findings.fail(f"Secret and Pod rights are bound in namespaces {sorted(bound_in)}, expected {sorted(sandboxes)}")
+
+
+def check_ui(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
+    """The Secrets page: only when enabled; may only impersonate; never selected as the operator."""
+    ui = values["ui"]
+    pages = [d for d in by_kind.get("Deployment", []) if container_command(d) == "ui"]
+    if not ui["enabled"]:
+        if pages:
+            findings.fail("a Secrets page Deployment is rendered while ui.enabled is false")
+        return
+    if len(pages) != 1:
+        findings.fail(f"expected one Secrets page Deployment, got {len(pages)}")
+        return
+    page = pages[0]
+    pod = page["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    flags = dict(a[2:].split("=", 1) for a in container["args"][1:])
+    want = {
+        "addr": f"{ui['listenAddress']}:{ui['port']}",
+        "user-header": ui["userHeader"],
+        "groups-header": ui["groupsHeader"],
+        "csrf-key-file": "/etc/agentsecrets/ui-csrf/key",
+        "log-format": values["logging"]["format"],
+    }
+    if ui["namespace"]:
+        want["namespace"] = ui["namespace"]
+    else:
+        want["namespace-template"] = ui["namespaceTemplate"]
+    if ui["trustedProxyCIDRs"]:
+        want["trusted-proxy-cidrs"] = ",".join(ui["trustedProxyCIDRs"])
+    if ui["ownerUsernamePrefix"]:
+        want["owner-username-prefix"] = ui["ownerUsernamePrefix"]
+    if values["reservedEnvNames"]:
+        want["reserved-env-names"] = ",".join(values["reservedEnvNames"])
+    if ui["tls"]["secretName"]:
+        want["tls-cert"] = "/etc/agentsecrets/ui-tls/tls.crt"
+        want["tls-key"] = "/etc/agentsecrets/ui-tls/tls.key"
+    if ui["proxyClientCA"]:
+        want["proxy-client-ca"] = "/etc/agentsecrets/ui-proxy-ca/ca.crt"
+    if flags != want:
+        findings.fail(f"Secrets page flags {flags}, expected {want}")
+    security = container["securityContext"]
+    if not (security.get("readOnlyRootFilesystem") and security.get("runAsNonRoot")
+            and security.get("allowPrivilegeEscalation") is False
+            and security.get("capabilities", {}).get("drop") == ["ALL"]):
+        findings.fail("the Secrets page container must be non-root, read-only, without capabilities")
+    probed = "readinessProbe" in container
+    if probed != (ui["listenAddress"] in ("0.0.0.0", "::")):
+        findings.fail(f"readiness probe {probed} for a page bound to {ui['listenAddress']}")
+    name = page["metadata"]["name"]
+    if pod["serviceAccountName"] != name:
+        findings.fail("the Secrets page must run as its own service account")
+    roles = [r for r in by_kind.get("ClusterRole", []) if r["metadata"]["name"] == name]
+    if len(roles) != 1:
+        findings.fail("expected one ClusterRole for the Secrets page")
+    else:
+        rules = roles[0]["rules"]
+        verbs = {v for r in rules for v in r["verbs"]}
+        resources = {res for r in rules for res in r["resources"]}
+        if verbs != {"impersonate"} or resources != {"users", "groups"}:
+            findings.fail(f"the Secrets page may only impersonate users and groups, got {rules}")
+        groups_rule = next(r for r in rules if "groups" in r["resources"])
+        if ui["impersonableGroups"] and groups_rule.get("resourceNames") != ui["impersonableGroups"]:
+            findings.fail("impersonable groups are not limited to ui.impersonableGroups")
+    # The operator's Service (webhook) must never send admission reviews to the page's pods.
+    pod_labels = page["spec"]["template"]["metadata"]["labels"]
+    for service in by_kind.get("Service", []):
+        selector = service["spec"]["selector"]
+        selects_page = all(pod_labels.get(k) == v for k, v in selector.items())
+        if selects_page != (service["metadata"]["name"] == name):
+            findings.fail(f"Service {service['metadata']['name']} selects the page's pods: {selects_page}")
+    findings.ok("Secrets page: flags, impersonate-only RBAC, own selector labels")
 
 
 def cmd_lint(_: argparse.Namespace) -> int:
@@ -504,7 +778,8 @@ def manifest_files() -> dict[str, str]:
 #   must be installed first), because a static file must not embed a private key;
 # - keyring.existingSecret={KEYRING_SECRET}: the keyring is not in this file (a static file must
 #   not carry key material). Create it once, and keep a backup:
-#     agentsecrets keys generate --secret {KEYRING_SECRET} -n {NAMESPACE} | kubectl apply -f -
+#     agentsecrets keys generate --secret {KEYRING_SECRET} -n {NAMESPACE} | kubectl create -f -
+#   (create, not client-side apply, which would copy the key into an annotation)
 # Install: kubectl apply -f manifests/crds.yaml -f manifests/agent-secrets.yaml
 """
     body = [header, "---\n", namespace]

@@ -142,7 +142,7 @@ pub fn env_name_reserved_message() -> String {
     plural = "agentsecrets",
     singular = "agentsecret",
     shortname = "asec",
-    category = "agentsecrets",
+    category = "agent-secrets",
     namespaced,
     status = "AgentSecretStatus",
     derive = "PartialEq",
@@ -350,8 +350,9 @@ pub fn now_seconds() -> i64 {
 #[serde(rename_all = "camelCase")]
 pub struct AgentSecretStatus {
     /// Current conditions. `Ready` says whether the sealed value opens and is injectable; its
-    /// reason says why not.
+    /// reason says why not. A map keyed by type, so server-side apply merges conditions by type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Key-encryption key the value is currently wrapped under.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -16,7 +16,12 @@ pub const KEYRING_SECRET_KEY: &str = "keyring.yaml";
 /// agent-secrets: users' credentials for AI-agent sandbox pods, sealed at rest with envelope
 /// encryption and injected into each labelled sandbox pod as environment variables.
 #[derive(Debug, Parser)]
-#[command(name = "agentsecrets", version, propagate_version = true)]
+#[command(
+    name = "agentsecrets",
+    version,
+    propagate_version = true,
+    after_help = crate::tools::error::EXIT_CODES_HELP
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -38,13 +43,31 @@ pub enum Command {
     /// Reads AgentSecrets from --secrets (files or a directory; sample `value`s are sealed in
     /// memory) or, without it, from the cluster, and prints the mutated pod.
     Inject(InjectArgs),
-    /// Create or update a secret. The value is read from a hidden prompt, or from stdin when
-    /// piped, so it never lands in shell history; empty input keeps the current value.
+    /// Create or update a secret. The value is read from a hidden prompt (asked twice, to
+    /// catch a typo), or from stdin when piped, so it never lands in shell history; empty input
+    /// keeps the current value.
     Set(SetArgs),
     /// List secrets as cards: name, description, created, masked value, readiness.
     List(ListArgs),
     /// Delete a secret; sandboxes started afterwards no longer get it.
     Delete(DeleteArgs),
+    /// Serve the Secrets page (and its JSON API) behind an authenticating proxy: each user
+    /// manages their own secrets, every Kubernetes call made as that user (impersonation).
+    Ui(Box<crate::ui::UiArgs>),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// bash: `source <(agentsecrets completion bash)`; zsh: `agentsecrets completion zsh >
+    /// "${fpath[1]}/_agentsecrets"`; fish: `agentsecrets completion fish | source`. For
+    /// `kubectl agentsecrets`, link the binary as `kubectl_complete-agentsecrets` on the PATH
+    /// (kubectl 1.26+ asks it; see docs/cli.md).
+    Completion(CompletionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    /// The shell to complete in.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -53,20 +76,21 @@ pub struct InjectArgs {
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
     pub file: PathBuf,
     /// AgentSecret manifests (a file or a directory of .yaml files) instead of the cluster.
-    #[arg(long, value_name = "FILE|DIR")]
+    #[arg(long, value_name = "FILE|DIR", conflicts_with_all = crate::tools::cluster::CONNECTION_FLAGS)]
     pub secrets: Option<PathBuf>,
     /// Keyring to open sealed values with [default: a throwaway key for sample values].
     #[arg(long, env = "AGENTSECRETS_KEYRING", value_name = "FILE")]
     pub keyring: Option<PathBuf>,
-    /// Namespace for objects that name none [default: the pod's, else "default"].
-    #[arg(short = 'n', long)]
-    pub namespace: Option<String>,
     /// The requester to preview as (matters with --allowed-principals).
     #[arg(long, default_value = "preview-user")]
     pub requester: String,
     /// The admission policy, as for `run` (the same flags and environment variables).
     #[command(flatten)]
     pub policy: crate::run::PolicyArgs,
+    // Last, so that its help heading covers its flags only. Read from without --secrets; -n is
+    // the namespace of a pod that names none [default: the pod's, else the context's].
+    #[command(flatten)]
+    pub cluster: crate::tools::cluster::ClusterArgs,
 }
 
 #[derive(Debug, Args)]
@@ -79,9 +103,11 @@ pub struct SetArgs {
     /// What the secret is for.
     #[arg(long)]
     pub description: Option<String>,
-    /// Namespace [default: the kubeconfig context's].
-    #[arg(short = 'n', long)]
-    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub cluster: crate::tools::cluster::ClusterArgs,
+    // Without -o: a line saying what was done; with -o: the secret as `list` shows it.
+    #[command(flatten)]
+    pub output: crate::tools::output::OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -89,12 +115,14 @@ pub struct ListArgs {
     /// Only this user's secrets.
     #[arg(long)]
     pub owner: Option<String>,
-    /// Namespace [default: the kubeconfig context's].
-    #[arg(short = 'n', long)]
-    pub namespace: Option<String>,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value = "cards")]
-    pub output: crate::tools::user::ListFormat,
+    /// List the secrets of every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    #[command(flatten)]
+    pub cluster: crate::tools::cluster::ClusterArgs,
+    // Without -o: cards; wide: one line per secret with every column.
+    #[command(flatten)]
+    pub output: crate::tools::output::OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -104,12 +132,11 @@ pub struct DeleteArgs {
     /// User the secret belongs to.
     #[arg(long)]
     pub owner: String,
-    /// Namespace [default: the kubeconfig context's].
-    #[arg(short = 'n', long)]
-    pub namespace: Option<String>,
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    #[command(flatten)]
+    pub cluster: crate::tools::cluster::ClusterArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,8 +150,8 @@ pub enum KeysCommand {
     Generate(GenerateArgs),
     /// Print a keyring with key ID made the primary (the second phase of a rotation).
     Promote(PromoteArgs),
-    /// Report how many AgentSecrets are wrapped under each key (cluster-wide), and whether an
-    /// old key may be removed from the keyring.
+    /// Report how many AgentSecrets are wrapped under each key, and (with -A, counting every
+    /// namespace) whether an old key may be removed from the keyring.
     Status(StatusArgs),
 }
 
@@ -160,9 +187,14 @@ pub struct StatusArgs {
     /// Keyring in force, to compare with [recommended].
     #[arg(long, env = "AGENTSECRETS_KEYRING", value_name = "FILE")]
     pub keyring: Option<PathBuf>,
-    /// Only this namespace [default: all namespaces].
-    #[arg(short = 'n', long)]
-    pub namespace: Option<String>,
+    /// Count every namespace: only then may a key be called removable.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    #[command(flatten)]
+    pub cluster: crate::tools::cluster::ClusterArgs,
+    // Without -o: a table and a verdict; wide adds the namespaces using each key.
+    #[command(flatten)]
+    pub output: crate::tools::output::OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -216,21 +248,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Inject(args) => inject(args).await,
-        Command::Set(args) => {
-            crate::tools::user::set(
-                &args.env_name,
-                &args.owner,
-                args.description,
-                args.namespace,
-            )
-            .await
-        }
-        Command::List(args) => {
-            crate::tools::user::list(args.owner, args.namespace, args.output).await
-        }
-        Command::Delete(args) => {
-            crate::tools::user::delete(&args.env_name, &args.owner, args.namespace, args.yes).await
-        }
+        Command::Set(args) => crate::tools::user::set(args, &mut crate::tools::prompt::Stdin).await,
+        Command::List(args) => crate::tools::user::list(args).await,
+        Command::Delete(args) => crate::tools::user::delete(args).await,
+        Command::Ui(args) => crate::ui::run(*args).await,
+        Command::Completion(CompletionArgs { shell }) => std::io::stdout()
+            .write_all(&crate::tools::completion::script(shell, "agentsecrets"))
+            .context("failed to write the completion script"),
         Command::Keys(KeysCommand::Generate(args)) => {
             let out = generate_keyring(&args)?;
             std::io::stdout()
@@ -302,22 +326,35 @@ impl KeyringOutput {
 }
 
 async fn keys_status(args: StatusArgs) -> anyhow::Result<()> {
-    let StatusArgs { keyring, namespace } = args;
+    let StatusArgs {
+        keyring,
+        all_namespaces,
+        cluster,
+        output,
+    } = args;
     let keyring = keyring.map(|p| Keyring::load(&p)).transpose()?;
-    let client = kube::Client::try_default()
-        .await
-        .context("no cluster configured: set KUBECONFIG or a current kubeconfig context")?;
-    let api: kube::Api<crate::api::AgentSecret> = match &namespace {
-        Some(ns) => kube::Api::namespaced(client, ns),
-        None => kube::Api::all(client),
+    let connection = cluster.connect().await?;
+    let (api, namespace) = if all_namespaces {
+        (kube::Api::all(connection.client), None)
+    } else {
+        (
+            kube::Api::namespaced(connection.client, &connection.namespace),
+            Some(connection.namespace),
+        )
     };
-    let items = api
+    let items: Vec<crate::api::AgentSecret> = api
         .list(&kube::api::ListParams::default())
         .await
-        .map_err(|e| crate::tools::user::explain(e, namespace.as_deref().unwrap_or("<all>")))?
+        .map_err(|e| {
+            crate::tools::error::Error::from_api(
+                "list AgentSecrets",
+                e,
+                namespace.as_deref().unwrap_or("<all>"),
+            )
+        })?
         .items;
     let report = crate::tools::keys::key_report(&items, keyring.as_ref(), namespace.as_deref());
-    print!("{}", report.render());
+    print!("{}", report.render_as(output.output)?);
     Ok(())
 }
 
@@ -326,7 +363,7 @@ async fn inject(args: InjectArgs) -> anyhow::Result<()> {
         file,
         secrets,
         keyring,
-        namespace,
+        cluster,
         requester,
         policy,
     } = args;
@@ -340,29 +377,37 @@ async fn inject(args: InjectArgs) -> anyhow::Result<()> {
     };
     let mut pod: serde_json::Value = serde_yaml::from_str(&text)
         .map_err(|_| anyhow::anyhow!("{} is not a YAML or JSON manifest", file.display()))?;
-    let namespace = namespace
-        .or_else(|| pod["metadata"]["namespace"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "default".to_owned());
     if !pod.is_object() || !pod["metadata"].is_object() {
         anyhow::bail!("{} is not a Pod manifest (no metadata)", file.display());
     }
+    let named = cluster
+        .namespace
+        .clone()
+        .or_else(|| pod["metadata"]["namespace"].as_str().map(str::to_owned));
+    let (namespace, mut objects) = match secrets {
+        Some(path) => (
+            named.unwrap_or_else(|| "default".to_owned()),
+            crate::tools::inject::read_agentsecrets(&path)?,
+        ),
+        None => {
+            let connection = cluster.connect().await?;
+            // Only with a cluster is there a context namespace to fall back to.
+            let namespace = named.unwrap_or(connection.namespace);
+            let items =
+                kube::Api::<crate::api::AgentSecret>::namespaced(connection.client, &namespace)
+                    .list(&kube::api::ListParams::default())
+                    .await
+                    .map_err(|e| {
+                        crate::tools::error::Error::from_api("list AgentSecrets", e, &namespace)
+                    })?
+                    .items;
+            (namespace, items)
+        }
+    };
     pod["metadata"]["namespace"] = serde_json::Value::String(namespace.clone());
     let keyring = match keyring {
         Some(path) => Keyring::load(&path)?,
         None => Keyring::generate("preview")?,
-    };
-    let mut objects = match secrets {
-        Some(path) => crate::tools::inject::read_agentsecrets(&path)?,
-        None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("no --secrets given and no cluster configured")?;
-            kube::Api::<crate::api::AgentSecret>::namespaced(client, &namespace)
-                .list(&kube::api::ListParams::default())
-                .await
-                .map_err(|e| crate::tools::user::explain(e, &namespace))?
-                .items
-        }
     };
     crate::tools::inject::prepare(&mut objects, &keyring, &namespace)?;
     let policy = policy.policy(None)?;

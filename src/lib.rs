@@ -2,6 +2,7 @@
 //! rest and injected at admission.
 
 pub mod api;
+pub mod bootstrap;
 pub mod cache;
 pub mod cli;
 pub mod controller;
@@ -11,4 +12,5 @@ pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tools;
+pub mod ui;
 pub mod webhook;

@@ -6,6 +6,7 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod injections;
     pub mod refusals;
     pub mod sealing;
     pub mod server;
@@ -13,8 +14,8 @@ mod common {
 }
 
 use agent_secrets::webhook::server::MAX_BODY_BYTES;
-use common::answers::secret_values;
 use common::fixtures::{fixture, to_body};
+use common::injections::secret_values;
 use common::refusals::{assert_invalid_with_uid, message};
 use common::sealing::seal_old_object;
 use common::server::{Setup, TestServer};

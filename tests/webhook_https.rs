@@ -6,7 +6,9 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod injections;
     pub mod sealing;
+    pub mod serve;
     pub mod server;
 }
 
@@ -14,21 +16,14 @@ use agent_secrets::api::SealedValue;
 use agent_secrets::crypto::{Keyring, SealContext};
 use agent_secrets::testing::agent_secret;
 use agent_secrets::webhook::{Policy, Principal};
-use common::answers::{annotation, patched, secret_values};
+use common::answers::patched;
 use common::fixtures::*;
+use common::injections::{annotation, secret_values};
 use common::sealing::seal_old_object;
+use common::serve::serve;
 use common::server::{Setup, TestServer};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-
-/// The webhook serving the standard secrets under `policy`.
-async fn serve(policy: Policy) -> TestServer {
-    TestServer::start(Setup {
-        policy,
-        ..Setup::default()
-    })
-    .await
-}
 
 fn sealed_of(object: &Value) -> SealedValue {
     serde_json::from_value(object["spec"]["sealed"].clone()).unwrap()

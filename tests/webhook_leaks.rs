@@ -8,6 +8,7 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod injections;
     pub mod logs;
     pub mod refusals;
     pub mod sealing;
@@ -18,10 +19,11 @@ use agent_secrets::crypto::Keyring;
 use agent_secrets::testing::agent_secret;
 use agent_secrets::webhook::{Policy, Principal};
 use common::admin::admin_get;
-use common::answers::{annotation, patch_text, patched, secret_values};
+use common::answers::{patch_text, patched};
 use common::fixtures::{
     NAMESPACE, STANDARD_SECRETS, fixture, fixture_policy, standard_secrets, to_body,
 };
+use common::injections::{annotation, secret_values};
 use common::logs::{capture_logs, captured_logs};
 use common::refusals::{assert_invalid_with_uid, message};
 use common::sealing::seal_old_object;

@@ -8,6 +8,7 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod injections;
     pub mod server;
     pub mod serving;
 }
@@ -15,9 +16,10 @@ mod common {
 use agent_secrets::crypto::Keyring;
 use agent_secrets::testing::agent_secret;
 use agent_secrets::webhook::server::{Limits, MAX_BODY_BYTES};
-use common::answers::{annotation, patched, secret_values};
+use common::answers::patched;
 use common::client::{HttpsClient, trusting};
 use common::fixtures::{NAMESPACE, fixture, standard_secrets, to_body};
+use common::injections::{annotation, secret_values};
 use common::server::{Setup, TestServer};
 use common::serving::{alice_values, assert_still_serving};
 use serde_json::json;

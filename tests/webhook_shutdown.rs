@@ -6,14 +6,15 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod injections;
     pub mod server;
     pub mod serving;
 }
 
 use agent_secrets::webhook::server::SHUTDOWN_GRACE;
-use common::answers::secret_values;
 use common::client::{HttpsClient, trusting};
 use common::fixtures::{fixture, to_body};
+use common::injections::secret_values;
 use common::server::{Setup, TestServer};
 use common::serving::{alice_values, assert_still_serving};
 use std::time::{Duration, Instant};

@@ -7,6 +7,7 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod injections;
     pub mod logs;
     pub mod server;
     pub mod serving;

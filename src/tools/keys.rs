@@ -1,24 +1,31 @@
 //! `agentsecrets keys status`: how many AgentSecrets are wrapped under each key, and when an
 //! old key may leave the keyring.
 
-use std::collections::BTreeMap;
+use kube::ResourceExt as _;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use super::output::{Format, serialised, table};
 use crate::api::AgentSecret;
 use crate::crypto::Keyring;
 
 /// Usage of one key id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KeyUsage {
     pub key_id: String,
     pub secrets: usize,
     /// `None` when no keyring was given to compare with.
     pub in_keyring: Option<bool>,
     pub primary: bool,
+    /// Namespaces holding secrets wrapped under this key.
+    pub namespaces: BTreeSet<String>,
 }
 
 /// The whole picture of a rotation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KeyReport {
     pub keys: Vec<KeyUsage>,
     /// AgentSecrets without a sealed value (plaintext awaiting the controller, or broken).
@@ -34,11 +41,15 @@ pub fn key_report(
     keyring: Option<&Keyring>,
     namespace: Option<&str>,
 ) -> KeyReport {
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut counts: BTreeMap<String, (usize, BTreeSet<String>)> = BTreeMap::new();
     let mut unsealed = 0;
     for secret in secrets {
         match &secret.spec.sealed {
-            Some(sealed) => *counts.entry(sealed.key_id.clone()).or_default() += 1,
+            Some(sealed) => {
+                let (count, namespaces) = counts.entry(sealed.key_id.clone()).or_default();
+                *count += 1;
+                namespaces.insert(secret.namespace().unwrap_or_default());
+            }
             None => unsealed += 1,
         }
     }
@@ -49,11 +60,12 @@ pub fn key_report(
     }
     let keys = counts
         .into_iter()
-        .map(|(key_id, secrets)| KeyUsage {
+        .map(|(key_id, (secrets, namespaces))| KeyUsage {
             in_keyring: keyring.map(|k| k.contains(&key_id)),
             primary: keyring.is_some_and(|k| k.primary_id() == key_id),
             key_id,
             secrets,
+            namespaces,
         })
         .collect();
     KeyReport {
@@ -63,53 +75,118 @@ pub fn key_report(
     }
 }
 
+impl KeyUsage {
+    /// What to do about this key. Counted in one namespace only, no key is called
+    /// removable: other namespaces may still use it.
+    pub fn note(&self, cluster_wide: bool) -> &'static str {
+        match (self.in_keyring, self.primary, self.secrets) {
+            (_, true, _) => "new values are sealed under this key",
+            (Some(true), false, 0) if !cluster_wide => "unused in this namespace",
+            (Some(false), _, n) if n > 0 => {
+                "MISSING: these secrets cannot be opened; restore this key"
+            }
+            (Some(true), false, 0) => "unused: may be removed from the keyring",
+            (_, false, n) if n > 0 => "in use: keep it until the controller has re-wrapped these",
+            _ => "",
+        }
+    }
+}
+
+/// The JSON/YAML shape of `keys status`: the report with each key's note and the verdict.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReportView<'a> {
+    keys: Vec<KeyView<'a>>,
+    unsealed: usize,
+    namespace: Option<&'a str>,
+    verdict: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyView<'a> {
+    #[serde(flatten)]
+    usage: &'a KeyUsage,
+    note: &'static str,
+}
+
 impl KeyReport {
-    /// A table and a verdict for people.
-    pub fn render(&self) -> String {
-        let width = self
+    fn cluster_wide(&self) -> bool {
+        self.namespace.is_none()
+    }
+
+    /// `keys status` in `format`: a table and a verdict for people (`wide` adds the
+    /// namespaces using each key), or JSON/YAML.
+    pub fn render_as(&self, format: Option<Format>) -> anyhow::Result<String> {
+        let view = ReportView {
+            keys: self
+                .keys
+                .iter()
+                .map(|usage| KeyView {
+                    usage,
+                    note: usage.note(self.cluster_wide()),
+                })
+                .collect(),
+            unsealed: self.unsealed,
+            namespace: self.namespace.as_deref(),
+            verdict: self.verdict(),
+        };
+        if let Some(text) = serialised(&view, format)? {
+            return Ok(text);
+        }
+        let wide = format == Some(Format::Wide);
+        let mut header = vec!["KEY ID", "SECRETS", "IN KEYRING", "PRIMARY"];
+        if wide {
+            header.push("NAMESPACES");
+        }
+        header.push("NOTE");
+        let rows: Vec<Vec<String>> = view
             .keys
             .iter()
-            .map(|k| k.key_id.len())
-            .max()
-            .unwrap_or(0)
-            .max("KEY ID".len());
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:>8}  {:<10}  {:<7}  NOTE",
-            "KEY ID", "SECRETS", "IN KEYRING", "PRIMARY"
-        );
-        for key in &self.keys {
-            let in_keyring = match key.in_keyring {
-                Some(true) => "yes",
-                Some(false) => "no",
-                None => "?",
-            };
-            let cluster_wide = self.namespace.is_none();
-            let note = match (key.in_keyring, key.primary, key.secrets) {
-                (_, true, _) => "new values are sealed under this key",
-                (Some(true), false, 0) if !cluster_wide => "unused in this namespace",
-                (Some(false), _, n) if n > 0 => {
-                    "MISSING: these secrets cannot be opened; restore this key"
+            .map(|k| {
+                let in_keyring = match k.usage.in_keyring {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "?",
+                };
+                let primary = if k.usage.primary { "yes" } else { "no" };
+                let mut row = vec![
+                    k.usage.key_id.clone(),
+                    k.usage.secrets.to_string(),
+                    in_keyring.to_owned(),
+                    primary.to_owned(),
+                ];
+                if wide {
+                    let namespaces: Vec<&str> =
+                        k.usage.namespaces.iter().map(String::as_str).collect();
+                    row.push(namespaces.join(","));
                 }
-                (Some(true), false, 0) => "unused: may be removed from the keyring",
-                (_, false, n) if n > 0 => {
-                    "in use: keep it until the controller has re-wrapped these"
-                }
-                _ => "",
-            };
-            let primary = if key.primary { "yes" } else { "no" };
-            let _ = writeln!(
-                out,
-                "{:<width$}  {:>8}  {:<10}  {:<7}  {note}",
-                key.key_id, key.secrets, in_keyring, primary
-            );
-        }
+                row.push(k.note.to_owned());
+                row
+            })
+            .collect();
+        let mut out = table(&header, &rows);
         if self.unsealed > 0 {
             let _ = writeln!(
                 out,
                 "\n{} AgentSecret(s) have no sealed value yet.",
                 self.unsealed
+            );
+        }
+        let _ = writeln!(out, "\n{}", view.verdict);
+        Ok(out)
+    }
+
+    /// The default rendering: a table and a verdict for people.
+    pub fn render(&self) -> String {
+        self.render_as(None).unwrap_or_default()
+    }
+
+    /// The one-line conclusion: whether old keys may leave the keyring.
+    pub fn verdict(&self) -> String {
+        if let Some(namespace) = &self.namespace {
+            return format!(
+                "Counts cover namespace {namespace} only: run with -A (all namespaces) before removing a key from the keyring."
             );
         }
         let remaining: usize = self
@@ -119,28 +196,13 @@ impl KeyReport {
             .map(|k| k.secrets)
             .sum();
         let known_primary = self.keys.iter().any(|k| k.primary);
-        if let Some(namespace) = &self.namespace {
-            let _ = writeln!(
-                out,
-                "\nCounts cover namespace {namespace} only: run without -n before removing a key from the keyring."
-            );
-            return out;
+        match (known_primary, remaining) {
+            (false, _) => "Pass --keyring to compare with the keyring in force.".to_owned(),
+            (true, 0) => "Rotation complete: every AgentSecret is wrapped under the primary key; unused keys may be removed.".to_owned(),
+            (true, n) => format!(
+                "{n} AgentSecret(s) remain on older keys: keep those keys in the keyring until this reaches 0."
+            ),
         }
-        let _ = match (known_primary, remaining) {
-            (false, _) => writeln!(
-                out,
-                "\nPass --keyring to compare with the keyring in force."
-            ),
-            (true, 0) => writeln!(
-                out,
-                "\nRotation complete: every AgentSecret is wrapped under the primary key; unused keys may be removed."
-            ),
-            (true, n) => writeln!(
-                out,
-                "\n{n} AgentSecret(s) remain on older keys: keep those keys in the keyring until this reaches 0."
-            ),
-        };
-        out
     }
 }
 
@@ -172,13 +234,15 @@ mod tests {
                     key_id: "new".into(),
                     secrets: 1,
                     in_keyring: Some(true),
-                    primary: true
+                    primary: true,
+                    namespaces: ["ns".to_owned()].into(),
                 },
                 KeyUsage {
                     key_id: "old".into(),
                     secrets: 2,
                     in_keyring: Some(true),
-                    primary: false
+                    primary: false,
+                    namespaces: ["ns".to_owned()].into(),
                 },
             ]
         );
@@ -211,5 +275,47 @@ mod tests {
         let report = key_report(&[sealed_under(&lost)], Some(&current), None);
         assert!(report.render().contains("MISSING"));
         assert_eq!(report.keys[1].in_keyring, Some(false));
+    }
+
+    #[test]
+    fn json_carries_notes_and_verdict_and_wide_adds_namespaces() {
+        let mut keyring = Keyring::generate("old").unwrap();
+        let other = crate::testing::agent_secret("team-b", "s", "bob", "B", &keyring, "v");
+        let old = vec![sealed_under(&keyring), other];
+        keyring.add_primary("new").unwrap();
+        let report = key_report(&old, Some(&keyring), None);
+
+        let json: serde_json::Value =
+            serde_json::from_str(&report.render_as(Some(Format::Json)).unwrap()).unwrap();
+        assert_eq!(json["keys"][1]["keyId"], "old");
+        assert_eq!(json["keys"][1]["secrets"], 2);
+        assert_eq!(
+            json["keys"][1]["namespaces"],
+            serde_json::json!(["ns", "team-b"])
+        );
+        assert_eq!(
+            json["keys"][1]["note"],
+            "in use: keep it until the controller has re-wrapped these"
+        );
+        assert_eq!(json["keys"][0]["primary"], true);
+        assert!(
+            json["verdict"]
+                .as_str()
+                .unwrap()
+                .starts_with("2 AgentSecret(s) remain")
+        );
+        let yaml: serde_json::Value =
+            serde_yaml::from_str(&report.render_as(Some(Format::Yaml)).unwrap()).unwrap();
+        assert_eq!(yaml, json);
+
+        let plain = report.render();
+        assert!(
+            !plain.contains("NAMESPACES") && !plain.contains("team-b"),
+            "{plain}"
+        );
+        let wide = report.render_as(Some(Format::Wide)).unwrap();
+        let header = wide.lines().next().unwrap();
+        assert!(header.contains("PRIMARY  NAMESPACES  NOTE"), "{wide}");
+        assert!(wide.contains("ns,team-b"), "{wide}");
     }
 }

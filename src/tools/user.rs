@@ -1,15 +1,19 @@
-//! `agentsecrets set | list | delete`: the product's Secrets page on the command line, against
-//! the current kubeconfig context. Values are read from a hidden prompt or stdin, so they never
+//! `agentsecrets set | list | delete`: the product's Secrets page on the command line, with
+//! kubectl's connection flags. Values are read from a hidden prompt or stdin, so they never
 //! land in shell history or an apply annotation, and are never printed.
 
-use anyhow::{Context as _, bail};
 use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde::Serialize;
 use serde_json::json;
-use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
+use std::io::{BufRead as _, Write as _};
 
-use crate::api::{AgentSecret, AgentSecretSpec, FIELD_MANAGER, SecretString, validate_env_name};
+use super::cluster::Connection;
+use super::error::Error;
+use super::output::{Format, serialised, table};
+use super::prompt::{Purpose, ValueReader, read_value};
+use crate::api::{AgentSecret, AgentSecretSpec, FIELD_MANAGER, validate_env_name};
+use crate::cli::{DeleteArgs, ListArgs, SetArgs};
 
 /// The masked value every listing shows.
 pub const MASK: &str = "••••••••";
@@ -75,6 +79,31 @@ impl Card {
     }
 }
 
+/// One secret as the CLI prints it: the card, and for `-o wide|json|yaml` the key it is
+/// wrapped under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    #[serde(flatten)]
+    pub card: Card,
+    /// The key-encryption key the value is wrapped under; empty while unsealed.
+    pub key_id: String,
+}
+
+impl Entry {
+    pub fn from_object(object: &AgentSecret) -> Self {
+        Self {
+            card: Card::from_object(object),
+            key_id: object
+                .spec
+                .sealed
+                .as_ref()
+                .map(|s| s.key_id.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// The object name `set` gives a new secret: `<owner>-<env-name>` as a DNS name.
 pub fn object_name(owner: &str, env_name: &str) -> String {
     let raw = format!("{owner}-{env_name}").to_ascii_lowercase();
@@ -92,100 +121,50 @@ pub fn object_name(owner: &str, env_name: &str) -> String {
     name.chars().take(253).collect()
 }
 
-/// Turn an API error into one a person can act on.
-pub fn explain(error: kube::Error, namespace: &str) -> anyhow::Error {
-    match &error {
-        kube::Error::Api(status)
-            if status.code == 404
-                && status
-                    .message
-                    .contains("the server could not find the requested resource") =>
-        {
-            anyhow::anyhow!(
-                "the AgentSecret CRD is not installed in this cluster: install agent-secrets (helm install, or kubectl apply -f crds/)"
-            )
-        }
-        kube::Error::Api(status) if status.code == 403 => anyhow::anyhow!(
-            "forbidden by RBAC in namespace {namespace:?}: {}; ask for a Role allowing agentsecrets.agentsecrets.io",
-            status.message
-        ),
-        kube::Error::Api(status) => anyhow::anyhow!("the API server refused: {}", status.message),
-        kube::Error::HyperError(_) | kube::Error::Service(_) => {
-            anyhow::anyhow!("no cluster reachable with the current kubeconfig context: {error}")
-        }
-        _ => anyhow::anyhow!("request to the API server failed: {error}"),
-    }
-}
-
-async fn client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default()
-        .await
-        .context("no cluster configured: set KUBECONFIG or a current kubeconfig context")
-}
-
-async fn namespace_of(client: &kube::Client, namespace: Option<String>) -> String {
-    namespace.unwrap_or_else(|| client.default_namespace().to_owned())
-}
-
+/// The secret of `owner` named `env_name` in the connection's namespace, if any.
 async fn find(
     api: &Api<AgentSecret>,
     owner: &str,
     env_name: &str,
     namespace: &str,
-) -> anyhow::Result<Option<AgentSecret>> {
+) -> Result<Option<AgentSecret>, Error> {
     let list = api
         .list(&ListParams::default())
         .await
-        .map_err(|e| explain(e, namespace))?;
+        .map_err(|e| Error::from_api("list AgentSecrets", e, namespace))?;
     Ok(list
         .items
         .into_iter()
         .find(|s| s.spec.owner == owner && s.spec.env_name == env_name))
 }
 
-/// Read the value: a hidden prompt on a terminal, else the whole of stdin (one trailing
-/// newline removed).
-fn read_value(env_name: &str) -> anyhow::Result<SecretString> {
-    let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        let value = rpassword::prompt_password(format!(
-            "Value for {env_name} (hidden; empty keeps the current value): "
-        ))
-        .context("failed to read the value from the terminal")?;
-        return Ok(SecretString::new(value));
-    }
-    let mut value = String::new();
-    stdin
-        .lock()
-        .read_to_string(&mut value)
-        .context("failed to read the value from stdin")?;
-    let trimmed = value
-        .strip_suffix("\r\n")
-        .or_else(|| value.strip_suffix('\n'))
-        .unwrap_or(&value)
-        .to_owned();
-    zeroize::Zeroize::zeroize(&mut value);
-    Ok(SecretString::new(trimmed))
+fn valid_name(env_name: &str) -> Result<(), Error> {
+    validate_env_name(env_name, &[]).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 /// `set`: create, or update (empty input keeps the value).
-pub async fn set(
-    env_name: &str,
-    owner: &str,
-    description: Option<String>,
-    namespace: Option<String>,
-) -> anyhow::Result<()> {
-    validate_env_name(env_name, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+pub async fn set(args: SetArgs, reader: &mut dyn ValueReader) -> anyhow::Result<()> {
+    let SetArgs {
+        env_name,
+        owner,
+        description,
+        cluster,
+        output,
+    } = args;
+    valid_name(&env_name)?;
     if owner.is_empty() {
-        bail!("--owner must name a user");
+        return Err(Error::InvalidArgument("--owner must name a user".into()).into());
     }
-    let client = client().await?;
-    let namespace = namespace_of(&client, namespace).await;
+    let Connection { client, namespace } = cluster.connect().await?;
     let api: Api<AgentSecret> = Api::namespaced(client, &namespace);
-    let existing = find(&api, owner, env_name, &namespace).await?;
-    let value = read_value(env_name)?;
+    let existing = find(&api, &owner, &env_name, &namespace).await?;
+    let purpose = match existing {
+        Some(_) => Purpose::Update,
+        None => Purpose::Create,
+    };
+    let value = read_value(reader, &env_name, purpose)?;
     let value = (!value.expose().is_empty()).then_some(value);
-    match existing {
+    let (object, message) = match existing {
         Some(object) => {
             let mut spec = serde_json::Map::new();
             if let Some(value) = &value {
@@ -195,32 +174,40 @@ pub async fn set(
                 spec.insert("description".into(), json!(description));
             }
             if spec.is_empty() {
-                println!("{env_name} of {owner} unchanged (empty value keeps the current one)");
-                return Ok(());
+                let message =
+                    format!("{env_name} of {owner} unchanged (empty value keeps the current one)");
+                (object, message)
+            } else {
+                let patch = json!({"spec": spec});
+                let name = object.name_any();
+                let params = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                let updated = api
+                    .patch(&name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map_err(|e| {
+                        Error::from_api("update the AgentSecret", e, &namespace)
+                            .redacting(value.as_ref().map_or("", |v| v.expose()))
+                    })?;
+                let message = format!("updated {env_name} of {owner} in {namespace} ({name})");
+                (updated, message)
             }
-            let patch = json!({"spec": spec});
-            api.patch(
-                &object.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(|e| explain(e, &namespace))?;
-            println!(
-                "updated {env_name} of {owner} in {namespace} ({})",
-                object.name_any()
-            );
         }
         None => {
             let Some(value) = value else {
-                bail!("a new secret needs a value: none was given");
+                return Err(Error::InvalidArgument(
+                    "a new secret needs a value: none was given".into(),
+                )
+                .into());
             };
-            let name = object_name(owner, env_name);
+            let name = object_name(&owner, &env_name);
             let object = AgentSecret::new(
                 &name,
                 AgentSecretSpec {
-                    owner: owner.to_owned(),
-                    env_name: env_name.to_owned(),
+                    owner: owner.clone(),
+                    env_name: env_name.clone(),
                     description,
                     value: Some(value),
                     sealed: None,
@@ -230,89 +217,149 @@ pub async fn set(
                 dry_run: false,
                 field_manager: Some(FIELD_MANAGER.into()),
             };
-            api.create(&params, &object)
-                .await
-                .map_err(|e| explain(e, &namespace))?;
-            println!("created {env_name} of {owner} in {namespace} ({name})");
+            let written = object.spec.value.as_ref().map_or("", |v| v.expose());
+            let created = api.create(&params, &object).await.map_err(|e| {
+                Error::from_api("create the AgentSecret", e, &namespace).redacting(written)
+            })?;
+            let message = format!("created {env_name} of {owner} in {namespace} ({name})");
+            (created, message)
         }
-    }
+    };
+    print!(
+        "{}",
+        render_result(&Entry::from_object(&object), output.output, &message)?
+    );
     Ok(())
 }
 
-/// Output format of `list`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ListFormat {
-    Cards,
-    Json,
-    Yaml,
+/// What `set` prints: its message, or the resulting secret in the format asked for.
+pub fn render_result(
+    entry: &Entry,
+    format: Option<Format>,
+    message: &str,
+) -> anyhow::Result<String> {
+    Ok(match format {
+        None => format!("{message}\n"),
+        Some(Format::Wide) => wide_table(std::slice::from_ref(entry)),
+        Some(format) => serialised(entry, Some(format))?.unwrap_or_default(),
+    })
 }
 
-/// Render cards in `format`.
-pub fn render_cards(cards: &[Card], format: ListFormat) -> anyhow::Result<String> {
+/// The columns of `-o wide`: every field of the card, one secret per line.
+pub const WIDE_COLUMNS: [&str; 10] = [
+    "NAMESPACE",
+    "NAME",
+    "OWNER",
+    "ENV NAME",
+    "VALUE",
+    "READY",
+    "REASON",
+    "KEY ID",
+    "CREATED",
+    "DESCRIPTION",
+];
+
+fn wide_table(entries: &[Entry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|Entry { card: c, key_id }| {
+            vec![
+                c.namespace.clone(),
+                c.name.clone(),
+                c.owner.clone(),
+                c.env_name.clone(),
+                c.value.to_owned(),
+                c.ready.clone(),
+                c.reason.clone(),
+                key_id.clone(),
+                c.created.clone(),
+                c.description.clone(),
+            ]
+        })
+        .collect();
+    table(&WIDE_COLUMNS, &rows)
+}
+
+/// Render secrets: as cards without `-o`, else as a wide table, JSON or YAML.
+pub fn render_cards(entries: &[Entry], format: Option<Format>) -> anyhow::Result<String> {
     Ok(match format {
-        ListFormat::Cards if cards.is_empty() => "no secrets\n".to_owned(),
-        ListFormat::Cards => cards
+        None if entries.is_empty() => "no secrets\n".to_owned(),
+        None => entries
             .iter()
-            .map(Card::render)
+            .map(|e| e.card.render())
             .collect::<Vec<_>>()
             .join("\n"),
-        ListFormat::Json => serde_json::to_string_pretty(cards)? + "\n",
-        ListFormat::Yaml => serde_yaml::to_string(cards)?,
+        Some(Format::Wide) => wide_table(entries),
+        Some(format) => serialised(entries, Some(format))?.unwrap_or_default(),
     })
 }
 
 /// `list`.
-pub async fn list(
-    owner: Option<String>,
-    namespace: Option<String>,
-    format: ListFormat,
-) -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = namespace_of(&client, namespace).await;
-    let api: Api<AgentSecret> = Api::namespaced(client, &namespace);
+pub async fn list(args: ListArgs) -> anyhow::Result<()> {
+    let ListArgs {
+        owner,
+        all_namespaces,
+        cluster,
+        output,
+    } = args;
+    let Connection { client, namespace } = cluster.connect().await?;
+    let (api, scope): (Api<AgentSecret>, &str) = if all_namespaces {
+        (Api::all(client), "<all>")
+    } else {
+        (Api::namespaced(client, &namespace), &namespace)
+    };
     let items = api
         .list(&ListParams::default())
         .await
-        .map_err(|e| explain(e, &namespace))?
+        .map_err(|e| Error::from_api("list AgentSecrets", e, scope))?
         .items;
-    let mut cards: Vec<Card> = items
+    let mut entries: Vec<Entry> = items
         .iter()
         .filter(|s| owner.as_deref().is_none_or(|o| s.spec.owner == o))
-        .map(Card::from_object)
+        .map(Entry::from_object)
         .collect();
-    cards.sort_by(|a, b| (&a.owner, &a.env_name).cmp(&(&b.owner, &b.env_name)));
-    print!("{}", render_cards(&cards, format)?);
+    entries.sort_by(|a, b| {
+        let (a, b) = (&a.card, &b.card);
+        (&a.namespace, &a.owner, &a.env_name).cmp(&(&b.namespace, &b.owner, &b.env_name))
+    });
+    print!("{}", render_cards(&entries, output.output)?);
     Ok(())
 }
 
 /// `delete`.
-pub async fn delete(
-    env_name: &str,
-    owner: &str,
-    namespace: Option<String>,
-    yes: bool,
-) -> anyhow::Result<()> {
-    validate_env_name(env_name, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let client = client().await?;
-    let namespace = namespace_of(&client, namespace).await;
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let DeleteArgs {
+        env_name,
+        owner,
+        yes,
+        cluster,
+    } = args;
+    valid_name(&env_name)?;
+    let Connection { client, namespace } = cluster.connect().await?;
     let api: Api<AgentSecret> = Api::namespaced(client, &namespace);
-    let Some(object) = find(&api, owner, env_name, &namespace).await? else {
-        bail!("{owner} has no secret {env_name} in namespace {namespace}");
+    let Some(object) = find(&api, &owner, &env_name, &namespace).await? else {
+        return Err(Error::NotFound {
+            what: format!("secret {env_name} of {owner} in namespace {namespace}"),
+        }
+        .into());
     };
     if !yes {
-        print!(
+        // The question goes to stderr so that stdout holds only the result.
+        eprint!(
             "Delete {env_name} of {owner} in {namespace}? Sandboxes started afterwards will not get it; running ones keep their environment. [y/N] "
         );
-        std::io::stdout().flush()?;
+        std::io::stderr().flush()?;
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            bail!("not deleted");
+            return Err(
+                Error::Declined("not deleted (pass --yes to skip the question)".into()).into(),
+            );
         }
     }
     api.delete(&object.name_any(), &DeleteParams::default())
         .await
-        .map_err(|e| explain(e, &namespace))?;
+        .map_err(|e| Error::from_api("delete the AgentSecret", e, &namespace))?;
     println!("deleted {env_name} of {owner} in {namespace}");
     Ok(())
 }
@@ -320,7 +367,7 @@ pub async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::AgentSecretStatus;
+    use crate::api::{AgentSecretStatus, SecretString};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
     #[test]
@@ -363,8 +410,8 @@ mod tests {
             }],
             ..AgentSecretStatus::default()
         });
-        let card = Card::from_object(&object);
-        let text = render_cards(std::slice::from_ref(&card), ListFormat::Cards).unwrap();
+        let card = Entry::from_object(&object);
+        let text = render_cards(std::slice::from_ref(&card), None).unwrap();
         assert!(
             text.contains("X_BEARER_TOKEN  (owner alice, sandboxes/alice-x)"),
             "{text}"
@@ -373,32 +420,101 @@ mod tests {
         assert!(text.contains("created 2027-01-15 08:00 UTC"), "{text}");
         assert!(text.contains(&format!("value {MASK}")));
         assert!(text.contains("ready True (Sealed)"));
-        for format in [ListFormat::Cards, ListFormat::Json, ListFormat::Yaml] {
+        for format in [
+            None,
+            Some(Format::Json),
+            Some(Format::Yaml),
+            Some(Format::Wide),
+        ] {
             let out = render_cards(std::slice::from_ref(&card), format).unwrap();
             assert!(!out.contains("canary-card"), "{out}");
         }
-        assert_eq!(
-            render_cards(&[], ListFormat::Cards).unwrap(),
-            "no secrets\n"
+        assert_eq!(render_cards(&[], None).unwrap(), "no secrets\n");
+    }
+
+    fn recorded_list() -> Vec<AgentSecret> {
+        let text = include_str!("../../tests/fixtures/api/agentsecrets_list.json");
+        let list: kube::core::ObjectList<AgentSecret> = serde_json::from_str(text).unwrap();
+        list.items
+    }
+
+    #[test]
+    fn the_recorded_list_renders_as_cards_by_default() {
+        let cards: Vec<Entry> = recorded_list().iter().map(Entry::from_object).collect();
+        let text = render_cards(&cards, None).unwrap();
+        assert_eq!(text.matches(MASK).count(), 12, "{text}");
+        assert!(
+            text.starts_with(
+                "SERVICE_0_API_KEY  (owner alice, sandboxes/alice-service-0)\n  Key 0 for the alice research agent\n  created 2026-11-29 15:52 UTC   value ••••••••   ready True (Sealed)\n"
+            ),
+            "{text}"
         );
     }
 
     #[test]
-    fn api_errors_are_explained() {
-        let status = |code, message: &str| {
-            let mut status = kube::core::Status::failure(message, "");
-            status.code = code;
-            kube::Error::Api(Box::new(status))
-        };
-        let missing = explain(
-            status(404, "the server could not find the requested resource"),
-            "ns",
+    fn wide_adds_key_id_reason_and_description_columns() {
+        let cards: Vec<Entry> = recorded_list().iter().map(Entry::from_object).collect();
+        let text = render_cards(&cards, Some(Format::Wide)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 13, "a header and one line per secret: {text}");
+        let header: Vec<&str> = lines[0]
+            .split("  ")
+            .filter(|c| !c.is_empty())
+            .map(str::trim)
+            .collect();
+        assert_eq!(header, WIDE_COLUMNS);
+        assert!(
+            lines[1].starts_with("sandboxes  alice-service-0   alice  SERVICE_0_API_KEY   ••••••••  True   Sealed  k1      2026-11-29 15:52 UTC  Key 0 for the alice research agent"),
+            "{}",
+            lines[1]
         );
-        assert!(missing.to_string().contains("CRD is not installed"));
-        let forbidden = explain(
-            status(403, "agentsecrets is forbidden: User \"dev\" cannot list"),
-            "ns",
+    }
+
+    #[test]
+    fn json_and_yaml_carry_the_card_fields_and_no_sealed_material() {
+        let objects = recorded_list();
+        let cards: Vec<Entry> = objects.iter().map(Entry::from_object).collect();
+        let json: serde_json::Value =
+            serde_json::from_str(&render_cards(&cards, Some(Format::Json)).unwrap()).unwrap();
+        assert_eq!(json.as_array().unwrap().len(), 12);
+        assert_eq!(
+            json[0],
+            serde_json::json!({
+                "name": "alice-service-0", "namespace": "sandboxes",
+                "envName": "SERVICE_0_API_KEY", "owner": "alice",
+                "description": "Key 0 for the alice research agent",
+                "created": "2026-11-29 15:52 UTC", "value": MASK,
+                "ready": "True", "reason": "Sealed", "keyId": "k1"
+            })
         );
-        assert!(forbidden.to_string().contains("forbidden by RBAC"));
+        let yaml: serde_json::Value =
+            serde_yaml::from_str(&render_cards(&cards, Some(Format::Yaml)).unwrap()).unwrap();
+        assert_eq!(yaml, json);
+        let ciphertext = &objects[0].spec.sealed.as_ref().unwrap().ciphertext;
+        for format in [
+            None,
+            Some(Format::Json),
+            Some(Format::Yaml),
+            Some(Format::Wide),
+        ] {
+            let text = render_cards(&cards, format).unwrap();
+            assert!(!text.contains(ciphertext.as_str()), "{format:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn set_prints_its_message_or_the_secret_in_the_format_asked() {
+        let card = Entry::from_object(&recorded_list()[0]);
+        assert_eq!(
+            render_result(&card, None, "created X").unwrap(),
+            "created X\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render_result(&card, Some(Format::Json), "created X").unwrap())
+                .unwrap();
+        assert_eq!(json["envName"], "SERVICE_0_API_KEY");
+        let wide = render_result(&card, Some(Format::Wide), "created X").unwrap();
+        assert_eq!(wide.lines().count(), 2, "{wide}");
+        assert!(wide.starts_with("NAMESPACE"), "{wide}");
     }
 }

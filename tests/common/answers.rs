@@ -1,8 +1,6 @@
 //! Reading the webhook's answers, and the objects they apply to.
 
-use k8s_openapi::api::core::v1::Secret;
 use serde_json::Value;
-use std::collections::BTreeMap;
 
 /// Apply the answer's JSON patch (if any) to `object`.
 pub fn patched(object: &Value, answer: &Value) -> Value {
@@ -22,22 +20,4 @@ pub fn patch_text(answer: &Value) -> Option<String> {
         let p = p.as_str().expect("patch is a base64 string");
         String::from_utf8(base64::engine::general_purpose::STANDARD.decode(p).unwrap()).unwrap()
     })
-}
-
-/// The values a pod-scoped Secret holds, by env name.
-pub fn secret_values(secret: &Secret) -> BTreeMap<String, String> {
-    secret
-        .data
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).unwrap()))
-        .collect()
-}
-
-/// An annotation of `object`, or "".
-pub fn annotation<'a>(object: &'a Value, key: &str) -> &'a str {
-    object["metadata"]["annotations"][key]
-        .as_str()
-        .unwrap_or_default()
 }

@@ -6,8 +6,9 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::answers::{annotation, patched, secret_values};
+use super::answers::patched;
 use super::fixtures::{ALICE_NOTION, ALICE_OPENAI, ALICE_X, NAMESPACE, fixture};
+use super::injections::{annotation, secret_values};
 use super::server::TestServer;
 
 /// What alice's sandbox pod in the fixtures' namespace receives.

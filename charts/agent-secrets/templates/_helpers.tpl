@@ -139,3 +139,136 @@ service:
 caBundle: {{ $caBundle }}
 {{- end }}
 {{- end }}
+
+{{/*
+Username the operator's ServiceAccount authenticates as; the admission policies let it (and
+only it) write pod-scoped Secrets.
+*/}}
+{{- define "agent-secrets.operatorUsername" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "agent-secrets.serviceAccountName" .) }}
+{{- end }}
+
+{{/*
+Reserved name prefix of pod-scoped Secrets (agent_secrets::api::POD_SECRET_NAME_PREFIX).
+*/}}
+{{- define "agent-secrets.podSecretPrefix" -}}
+asec-pod-
+{{- end }}
+
+{{/*
+CEL: true when the Secret reference `field` of the CEL object `object` (called with
+(list object field)) names a pod-scoped Secret other than the one the pod is annotated with.
+The has() guard comes first: a reference without a name is no reference to such a Secret.
+*/}}
+{{- define "agent-secrets.cel.foreignPodSecret" -}}
+{{- $object := index . 0 }}
+{{- $field := index . 1 }}
+{{- $prefix := include "agent-secrets.podSecretPrefix" nil }}
+{{- printf "(has(%s.%s) && %s.%s.startsWith('%s') && %s.%s != variables.secretName)" $object $field $object $field $prefix $object $field }}
+{{- end }}
+
+{{/*
+CEL: true when container `c` uses a foreign pod-scoped Secret (env secretKeyRef, envFrom).
+*/}}
+{{- define "agent-secrets.cel.containerUsesForeign" -}}
+(has(c.env) && c.env.exists(e, has(e.valueFrom) && has(e.valueFrom.secretKeyRef) && {{ include "agent-secrets.cel.foreignPodSecret" (list "e.valueFrom.secretKeyRef" "name") }}))
+|| (has(c.envFrom) && c.envFrom.exists(f, has(f.secretRef) && {{ include "agent-secrets.cel.foreignPodSecret" (list "f.secretRef" "name") }}))
+{{- end }}
+
+{{/*
+CEL: the foreign pod-scoped Secret names container `c` uses, as a list of strings (messages).
+*/}}
+{{- define "agent-secrets.cel.containerForeignNames" -}}
+((has(c.env) ? c.env.filter(e, has(e.valueFrom) && has(e.valueFrom.secretKeyRef) && {{ include "agent-secrets.cel.foreignPodSecret" (list "e.valueFrom.secretKeyRef" "name") }}).map(e, e.valueFrom.secretKeyRef.name) : [])
+ + (has(c.envFrom) ? c.envFrom.filter(f, has(f.secretRef) && {{ include "agent-secrets.cel.foreignPodSecret" (list "f.secretRef" "name") }}).map(f, f.secretRef.name) : []))
+{{- end }}
+
+{{/*
+One validation refusing a list of containers (called with (list CEL-list-expression "kind of
+container" optional)) when any of them uses a foreign pod-scoped Secret.
+*/}}
+{{- define "agent-secrets.cel.containersValidation" -}}
+{{- $list := index . 0 }}
+{{- $what := index . 1 }}
+{{- $optional := index . 2 -}}
+- expression: >-
+    {{ if $optional }}!has({{ $list }}) || {{ end }}!{{ $list }}.exists(c,
+    {{- include "agent-secrets.cel.containerUsesForeign" . | nindent 4 }})
+  messageExpression: >-
+    {{ $list }}.filter(c,
+    {{- include "agent-secrets.cel.containerUsesForeign" . | nindent 4 }}
+    ).map(c, '{{ $what }} "' + c.name + '" uses Secret ' + {{ include "agent-secrets.cel.containerForeignNames" . | nindent 4 }}.join(', ')
+    ).join('; ') + '. ' + variables.rule
+  reason: Forbidden
+{{- end }}
+
+{{/*
+CEL: true when the object `o` (a Secret, or null) is pod-scoped: by label, or by name or
+generateName in the reserved prefix.
+*/}}
+{{- define "agent-secrets.cel.podScoped" -}}
+({{ . }} != null && ((has({{ . }}.metadata.labels) && 'agentsecrets.io/pod-scoped' in {{ . }}.metadata.labels)
+  || (has({{ . }}.metadata.name) && {{ . }}.metadata.name.startsWith('{{ include "agent-secrets.podSecretPrefix" nil }}'))
+  || (has({{ . }}.metadata.generateName) && {{ . }}.metadata.generateName.startsWith('{{ include "agent-secrets.podSecretPrefix" nil }}'))))
+{{- end }}
+
+{{/*
+CEL: the value of a pod's agentsecrets.io/secret-name annotation, '' when absent (called with
+"object" or "oldObject").
+*/}}
+{{- define "agent-secrets.cel.secretNameAnnotation" -}}
+({{ . }} != null && has({{ . }}.metadata.annotations) && 'agentsecrets.io/secret-name' in {{ . }}.metadata.annotations ? {{ . }}.metadata.annotations['agentsecrets.io/secret-name'] : '')
+{{- end }}
+
+{{/*
+CEL: true when volume `v` mounts a foreign pod-scoped Secret (secret, projected secret source).
+*/}}
+{{- define "agent-secrets.cel.volumeUsesForeign" -}}
+(has(v.secret) && {{ include "agent-secrets.cel.foreignPodSecret" (list "v.secret" "secretName") }})
+|| (has(v.projected) && has(v.projected.sources) && v.projected.sources.exists(s, has(s.secret) && {{ include "agent-secrets.cel.foreignPodSecret" (list "s.secret" "name") }}))
+{{- end }}
+
+{{/*
+CEL: the foreign pod-scoped Secret names volume `v` mounts, as a list of strings (messages).
+*/}}
+{{- define "agent-secrets.cel.volumeForeignNames" -}}
+(((has(v.secret) && {{ include "agent-secrets.cel.foreignPodSecret" (list "v.secret" "secretName") }}) ? [v.secret.secretName] : [])
+ + (has(v.projected) && has(v.projected.sources) ? v.projected.sources.filter(s, has(s.secret) && {{ include "agent-secrets.cel.foreignPodSecret" (list "s.secret" "name") }}).map(s, s.secret.name) : []))
+{{- end }}
+
+{{/*
+RBAC rules on Secrets and Pods: cluster-wide in the ClusterRole, or, with sandboxNamespaces, in
+a ClusterRole bound in each sandbox namespace only.
+*/}}
+{{- define "agent-secrets.sandboxRules" -}}
+# Secrets: the webhook creates one immutable pod-scoped Secret per sandbox pod (create), and
+# when a reinvoked admission finds that name taken, reads its metadata to see whether it was
+# made for the same request (get); the webhook and the controller watch their metadata through
+# a label selector (list, watch); the controller adds the pod as their owner once it exists
+# (patch) and deletes those whose pod never appeared (delete). RBAC cannot restrict by label or
+# name prefix, so this covers every Secret in scope (confine it with sandboxNamespaces). No
+# update: the Secrets are immutable and only their metadata is patched.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Pods: the controller watches sandbox pods (label agentsecrets.io/owner) and lists an owner's
+# pods to adopt and collect their pod-scoped Secrets (list, watch). Read-only: a pod is changed
+# only by the admission response.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{/*
+Namespaces the webhooks are called for when sandboxNamespaces is set; refuses to render when one
+of them is also excluded (it would silently get no injection).
+*/}}
+{{- define "agent-secrets.sandboxNamespaces" -}}
+{{- $excluded := include "agent-secrets.excludedNamespaces" . | fromJsonArray }}
+{{- range .Values.sandboxNamespaces }}
+{{- if has . $excluded }}
+{{- fail (printf "sandboxNamespaces: %s is also excluded (kube-system, the release namespace and excludedNamespaces never get injection)" .) }}
+{{- end }}
+{{- end }}
+{{- .Values.sandboxNamespaces | toJson }}
+{{- end }}

@@ -2,9 +2,9 @@
 //! a pod-scoped Secret, never as plaintext in the pod spec.
 //!
 //! [`mutate`] authorises the request and picks the secrets ([`select`]), opens them, and writes
-//! the patch ([`inject`]); the Secret to create is a [`PodSecret`].
+//! the patch ([`references`]); the Secret to create is a [`PodSecret`].
 
-mod inject;
+mod references;
 mod secret;
 mod select;
 
@@ -21,7 +21,7 @@ use crate::crypto::{Keyring, Plaintext};
 use super::Policy;
 use super::patch::{PatchWriter, write_annotations};
 use super::review::{PodView, Request};
-use inject::{Injector, Written, stale_reference};
+use references::{ReferenceWriter, Written, stale_reference};
 
 /// What to do with a pod.
 #[derive(Debug)]
@@ -100,21 +100,21 @@ pub fn mutate(
     let include_init = annotations
         .and_then(|a| a.get(INIT_CONTAINERS_ANNOTATION))
         .is_some_and(|v| v == "true");
-    let injector = Injector {
+    let references = ReferenceWriter {
         names: &names,
         secret_name: &secret_name,
     };
     let mut writer = PatchWriter::default();
     let mut written = Written::default();
     let spec = pod.spec.as_ref();
-    injector.containers(
+    references.containers(
         &mut writer,
         "containers",
         spec.map(|s| s.containers.as_slice()).unwrap_or_default(),
         &mut written,
     );
     if include_init {
-        injector.containers(
+        references.containers(
             &mut writer,
             "initContainers",
             spec.and_then(|s| s.init_containers.as_deref())

@@ -5,7 +5,7 @@ use super::super::patch::{PatchWriter, write_str};
 use super::super::review::{ContainerView, PodView};
 
 /// Writes the env entries of one pod's injection.
-pub(super) struct Injector<'a> {
+pub(super) struct ReferenceWriter<'a> {
     /// Env names to inject, sorted.
     pub names: &'a [&'a str],
     /// The pod-scoped Secret the entries refer to.
@@ -15,13 +15,13 @@ pub(super) struct Injector<'a> {
 /// What an injection wrote.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Written {
-    /// For each of the injector's names, whether some container received it.
+    /// For each of the writer's names, whether some container received it.
     pub received: Vec<bool>,
     /// `container/NAME` entries the pod spec already set, which win.
     pub skipped: Vec<String>,
 }
 
-impl Injector<'_> {
+impl ReferenceWriter<'_> {
     /// Inject into each container of `containers`, the pod spec's `field`.
     pub fn containers(
         &self,
@@ -138,13 +138,13 @@ mod tests {
 
     #[test]
     fn a_container_without_env_gets_every_reference_in_one_add() {
-        let injector = Injector {
+        let references = ReferenceWriter {
             names: &["A", "B"],
             secret_name: "asec-pod-x",
         };
         let mut writer = PatchWriter::default();
         let mut written = Written::default();
-        injector.containers(
+        references.containers(
             &mut writer,
             "containers",
             &containers(json!([{"name": "c"}])),
@@ -161,7 +161,7 @@ mod tests {
 
     #[test]
     fn env_set_by_the_pod_wins_and_our_own_entries_stand() {
-        let injector = Injector {
+        let references = ReferenceWriter {
             names: &["A", "B", "C"],
             secret_name: "asec-pod-x",
         };
@@ -170,7 +170,7 @@ mod tests {
         let pod = containers(json!([{"name": "c", "env": [
             {"name": "A", "value": "the pod's own"},
             {"name": "B", "valueFrom": {"secretKeyRef": {"name": "asec-pod-x", "key": "B"}}}]}]));
-        injector.containers(&mut writer, "containers", &pod, &mut written);
+        references.containers(&mut writer, "containers", &pod, &mut written);
         assert_eq!(written.received, [false, true, true]);
         assert_eq!(written.skipped, ["c/A"]);
         assert_eq!(
