@@ -38,7 +38,6 @@
 //! real clusters have one; a bare kube-apiserver does not).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
 #[path = "cluster/controller.rs"]
 mod controller;
 #[path = "cluster/crd.rs"]

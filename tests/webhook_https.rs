@@ -2,12 +2,26 @@
 //! server, with the exact answer asserted: allowed or denied, and what the patch does.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod common {
+    pub mod answers;
+    pub mod client;
+    pub mod fixtures;
+    pub mod injections;
+    pub mod sealing;
+    pub mod serve;
+    pub mod server;
+}
 
 use agent_secrets::api::SealedValue;
 use agent_secrets::crypto::{Keyring, SealContext};
+use agent_secrets::testing::agent_secret;
 use agent_secrets::webhook::{Policy, Principal};
-use common::*;
+use common::answers::patched;
+use common::fixtures::*;
+use common::injections::{annotation, secret_values};
+use common::sealing::seal_old_object;
+use common::serve::serve;
+use common::server::{Setup, TestServer};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -23,20 +37,6 @@ fn opens_to(keyring: &Keyring, object: &Value, owner: &str) -> String {
     let ctx = SealContext::new(NAMESPACE, owner, env_name_of(object));
     let plain = sealed_of(object).open(keyring, ctx).unwrap();
     String::from_utf8(plain.expose().to_vec()).unwrap()
-}
-
-/// The fixtures' oldObjects hold plaintext (the recording webhook sealed nothing); in the real
-/// system the stored object is sealed, so seal it the way the webhook would have.
-fn seal_old_object(review: &mut Value, keyring: &Keyring) -> String {
-    let old = &mut review["request"]["oldObject"];
-    let owner = old["spec"]["owner"].as_str().unwrap().to_owned();
-    let spec = old["spec"].as_object_mut().unwrap();
-    let value = spec.remove("value").map(|v| v.as_str().unwrap().to_owned());
-    let value = value.unwrap_or_else(|| "fixture-plaintext-previous".to_owned());
-    let env_name = spec["envName"].as_str().unwrap().to_owned();
-    let sealed = agent_secrets::testing::sealed(keyring, NAMESPACE, &owner, &env_name, &value);
-    spec.insert("sealed".into(), serde_json::to_value(sealed).unwrap());
-    value
 }
 
 fn assert_no_fixture_plaintext(value: &Value) {
@@ -62,10 +62,10 @@ fn last_applied(object: &Value) -> Value {
 
 #[tokio::test]
 async fn client_side_apply_create_is_sealed_and_scrubbed_from_last_applied() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("agentsecret_create_client_side_apply.json");
     let answer = server.review(&path, &review).await;
-    let response = response(&answer);
+    let response = &answer["response"];
     assert_eq!(response["allowed"], true);
     assert_eq!(response["uid"], review["request"]["uid"]);
     assert_eq!(response["patchType"], "JSONPatch");
@@ -75,7 +75,7 @@ async fn client_side_apply_create_is_sealed_and_scrubbed_from_last_applied() {
     assert_no_fixture_plaintext(&stored);
     assert!(stored["spec"].get("value").is_none());
     assert_eq!(
-        opens_to(&server.keyring, &stored, "alice"),
+        opens_to(&server.keyring(), &stored, "alice"),
         "fixture-plaintext-AAAAXXXX"
     );
     assert_eq!(stored["spec"]["sealed"]["keyId"], "test-kek");
@@ -103,7 +103,7 @@ async fn client_side_apply_create_is_sealed_and_scrubbed_from_last_applied() {
 
 #[tokio::test]
 async fn kubectl_create_and_server_side_apply_are_sealed() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     for (file, owner, plaintext) in [
         (
             "agentsecret_create_kubectl_create.json",
@@ -126,21 +126,21 @@ async fn kubectl_create_and_server_side_apply_are_sealed() {
         assert_no_fixture_plaintext(&stored);
         assert!(stored["spec"].get("value").is_none());
         assert_eq!(
-            opens_to(&server.keyring, &stored, owner),
+            opens_to(&server.keyring(), &stored, owner),
             plaintext,
             "{file}"
         );
         // Bound to its owner and env name: it opens for nobody and nothing else.
         for (who, env_name) in [("mallory", env_name_of(&stored)), (owner, "OTHER_NAME")] {
             let ctx = SealContext::new(NAMESPACE, who, env_name);
-            assert!(sealed_of(&stored).open(&server.keyring, ctx).is_err());
+            assert!(sealed_of(&stored).open(&server.keyring(), ctx).is_err());
         }
     }
 }
 
 #[tokio::test]
 async fn server_dry_run_create_gets_the_same_sealing_patch() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("agentsecret_create_server_dry_run.json");
     assert_eq!(review["request"]["dryRun"], true);
     let answer = server.review(&path, &review).await;
@@ -153,9 +153,9 @@ async fn server_dry_run_create_gets_the_same_sealing_patch() {
 
 #[tokio::test]
 async fn reapplying_the_same_value_keeps_the_stored_sealed_value() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_update_client_side_apply_same_value.json");
-    let old_value = seal_old_object(&mut review, &server.keyring);
+    let old_value = seal_old_object(&mut review, &server.keyring(), None);
     assert_eq!(
         review["request"]["object"]["spec"]["value"].as_str(),
         Some(old_value.as_str())
@@ -177,13 +177,13 @@ async fn reapplying_the_same_value_keeps_the_stored_sealed_value() {
 
 #[tokio::test]
 async fn merge_patch_with_a_new_value_reseals() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_update_merge_patch_new_value.json");
     let new_value = review["request"]["object"]["spec"]["value"]
         .as_str()
         .unwrap()
         .to_owned();
-    let old_value = seal_old_object(&mut review, &server.keyring);
+    let old_value = seal_old_object(&mut review, &server.keyring(), None);
     assert_ne!(new_value, old_value);
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true);
@@ -193,16 +193,16 @@ async fn merge_patch_with_a_new_value_reseals() {
         stored["spec"]["sealed"],
         review["request"]["oldObject"]["spec"]["sealed"]
     );
-    assert_eq!(opens_to(&server.keyring, &stored, "bob"), new_value);
+    assert_eq!(opens_to(&server.keyring(), &stored, "bob"), new_value);
 }
 
 #[tokio::test]
 async fn replace_without_value_keeps_the_stored_sealed_value() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
     assert!(review["request"]["object"]["spec"].get("value").is_none());
     assert!(review["request"]["object"]["spec"].get("sealed").is_none());
-    let old_value = seal_old_object(&mut review, &server.keyring);
+    let old_value = seal_old_object(&mut review, &server.keyring(), None);
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true);
     let stored = patched(&review["request"]["object"], &answer);
@@ -210,7 +210,7 @@ async fn replace_without_value_keeps_the_stored_sealed_value() {
         stored["spec"]["sealed"],
         review["request"]["oldObject"]["spec"]["sealed"]
     );
-    assert_eq!(opens_to(&server.keyring, &stored, "bob"), old_value);
+    assert_eq!(opens_to(&server.keyring(), &stored, "bob"), old_value);
     assert_eq!(
         stored["spec"]["description"],
         "DB password (rotated description)"
@@ -219,7 +219,7 @@ async fn replace_without_value_keeps_the_stored_sealed_value() {
 
 #[tokio::test]
 async fn agentsecret_delete_passes_untouched() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("agentsecret_delete.json");
     assert!(review["request"]["object"].is_null());
     let answer = server.review(&path, &review).await;
@@ -228,12 +228,12 @@ async fn agentsecret_delete_passes_untouched() {
 
 #[tokio::test]
 async fn a_sealed_value_that_does_not_open_is_denied() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
     // A blob sealed for alice, pasted into bob's object.
     let env_name = env_name_of(&review["request"]["object"]).to_owned();
     let foreign =
-        agent_secrets::testing::sealed(&server.keyring, NAMESPACE, "alice", &env_name, "stolen");
+        agent_secrets::testing::sealed(&server.keyring(), NAMESPACE, "alice", &env_name, "stolen");
     let spec = review["request"]["object"]["spec"].as_object_mut().unwrap();
     spec.remove("value");
     spec.insert("sealed".into(), serde_json::to_value(&foreign).unwrap());
@@ -257,7 +257,7 @@ async fn a_sealed_value_that_does_not_open_is_denied() {
 
 #[tokio::test]
 async fn a_duplicate_env_name_for_the_owner_is_denied_naming_the_other_secret() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
     // bob already has X_BEARER_TOKEN as "bob-x-bearer-token".
     review["request"]["object"]["spec"]["envName"] = json!("X_BEARER_TOKEN");
@@ -273,10 +273,10 @@ async fn a_duplicate_env_name_for_the_owner_is_denied_naming_the_other_secret() 
 
 #[tokio::test]
 async fn an_update_keeping_its_env_name_is_not_refused_as_a_duplicate() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     // bob already has X_BEARER_TOKEN as "bob-x-bearer-token"; suppose a second one raced in.
     let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
-    seal_old_object(&mut review, &server.keyring);
+    seal_old_object(&mut review, &server.keyring(), None);
     for object in ["object", "oldObject"] {
         review["request"][object]["spec"]["envName"] = json!("X_BEARER_TOKEN");
     }
@@ -294,7 +294,7 @@ async fn configured_reserved_env_names_are_denied() {
         extra_reserved_env_names: vec!["NODE_OPTIONS".into()],
         ..fixture_policy()
     };
-    let server = TestServer::start(policy).await;
+    let server = serve(policy).await;
     let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
     review["request"]["object"]["spec"]["envName"] = json!("NODE_OPTIONS");
     let answer = server.review(&path, &review).await;
@@ -309,7 +309,7 @@ async fn configured_reserved_env_names_are_denied() {
 
 #[tokio::test]
 async fn create_without_any_value_is_denied() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
     review["request"]["object"]["spec"]["value"] = json!("");
     let answer = server.review(&path, &review).await;
@@ -341,25 +341,9 @@ fn secret_ref(name: &str, secret: &str) -> Value {
     json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}})
 }
 
-fn secret_values(secret: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, String> {
-    secret
-        .data
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).unwrap()))
-        .collect()
-}
-
-fn annotation<'a>(pod: &'a Value, key: &str) -> &'a str {
-    pod["metadata"]["annotations"][key]
-        .as_str()
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_named_sandbox_pod_gets_its_owners_secrets_by_reference() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_create_named.json");
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
@@ -422,14 +406,14 @@ async fn a_named_sandbox_pod_gets_its_owners_secrets_by_reference() {
         .unwrap()
         .remove("annotations");
     assert_eq!(rest, review["request"]["object"]);
-    for canary in all_canaries() {
+    for (.., canary) in STANDARD_SECRETS {
         assert!(!answer.to_string().contains(canary));
     }
 }
 
 #[tokio::test]
 async fn a_generate_name_pod_gets_the_requested_subset_and_its_own_env_wins() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_create_generate_name_multi_container_subset.json");
     assert!(review["request"].get("name").is_none());
     let answer = server.review(&path, &review).await;
@@ -498,7 +482,7 @@ async fn a_generate_name_pod_gets_the_requested_subset_and_its_own_env_wins() {
 
 #[tokio::test]
 async fn init_containers_are_injected_when_the_pod_asks() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("pod_create_generate_name_multi_container_subset.json");
     review["request"]["object"]["metadata"]["annotations"]["agentsecrets.io/inject-init-containers"] =
         json!("true");
@@ -516,7 +500,7 @@ async fn init_containers_are_injected_when_the_pod_asks() {
 
 #[tokio::test]
 async fn reinvocation_reuses_the_first_secret_and_adds_no_duplicate_env_entries() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_create_generate_name_multi_container_subset.json");
     let first = server.review(&path, &review).await;
     let once = patched(&review["request"]["object"], &first);
@@ -548,7 +532,7 @@ async fn reinvocation_reuses_the_first_secret_and_adds_no_duplicate_env_entries(
     let created = server.created();
     assert_eq!(created.len(), 1);
     assert_eq!(created[0].metadata.name.as_deref(), Some(secret.as_str()));
-    let metrics = server.metrics.encode();
+    let metrics = server.state.metrics.encode();
     assert!(
         metrics.contains("agentsecrets_pod_secrets_created_total{result=\"reused\"} 1"),
         "{metrics}"
@@ -557,7 +541,7 @@ async fn reinvocation_reuses_the_first_secret_and_adds_no_duplicate_env_entries(
 
 #[tokio::test]
 async fn reinvocation_after_an_owner_change_never_keeps_the_first_owners_secret() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_create_named.json");
     let first = server.review(&path, &review).await;
     let once = patched(&review["request"]["object"], &first);
@@ -579,7 +563,7 @@ async fn reinvocation_after_an_owner_change_never_keeps_the_first_owners_secret(
 
 #[tokio::test]
 async fn a_spoofed_secret_name_annotation_is_refused() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("pod_create_named.json");
     // The pod claims an earlier injection pointing at bob's pod-scoped Secret.
     review["request"]["object"]["metadata"]["annotations"] =
@@ -595,7 +579,7 @@ async fn a_spoofed_secret_name_annotation_is_refused() {
 /// refers to another pod's Secret is refused, labelled or not, whatever the reference kind.
 #[tokio::test]
 async fn a_pod_referring_to_another_pods_secret_is_refused() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     for (file, labelled) in [
         ("pod_create_named.json", true),
         ("pod_create_named.json", false),
@@ -632,7 +616,7 @@ async fn a_pod_referring_to_another_pods_secret_is_refused() {
 
 #[tokio::test]
 async fn server_dry_run_pod_gets_the_patch_but_no_secret_is_created() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_create_server_dry_run.json");
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true);
@@ -643,7 +627,7 @@ async fn server_dry_run_pod_gets_the_patch_but_no_secret_is_created() {
 
 #[tokio::test]
 async fn pod_update_is_allowed_untouched() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_update_label.json");
     let answer = server.review(&path, &review).await;
     assert_allowed_unchanged(&answer);
@@ -652,7 +636,7 @@ async fn pod_update_is_allowed_untouched() {
 
 #[tokio::test]
 async fn an_owner_without_secrets_gets_the_pod_unchanged() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_create_by_replicaset_controller.json");
     let answer = server.review(&path, &review).await;
     assert_allowed_unchanged(&answer);
@@ -670,7 +654,7 @@ fn orchestrator_only() -> Policy {
 
 #[tokio::test]
 async fn the_allow_listed_orchestrator_creates_sandbox_pods() {
-    let server = TestServer::start(orchestrator_only()).await;
+    let server = serve(orchestrator_only()).await;
     let (path, review) = fixture("pod_create_by_service_account.json");
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
@@ -686,7 +670,7 @@ async fn the_allow_listed_orchestrator_creates_sandbox_pods() {
 
 #[tokio::test]
 async fn anyone_else_is_denied_when_an_allow_list_is_set() {
-    let server = TestServer::start(orchestrator_only()).await;
+    let server = serve(orchestrator_only()).await;
     let (path, review) = fixture("pod_create_by_non_admin_user.json");
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], false);
@@ -700,7 +684,7 @@ async fn anyone_else_is_denied_when_an_allow_list_is_set() {
     assert!(server.created().is_empty());
 
     // A group entry admits members of the group.
-    let by_group = TestServer::start(Policy {
+    let by_group = serve(Policy {
         allowed_principals: vec![Principal::parse("group:dev-team").unwrap()],
         ..fixture_policy()
     })
@@ -711,7 +695,7 @@ async fn anyone_else_is_denied_when_an_allow_list_is_set() {
 
 #[tokio::test]
 async fn without_an_allow_list_any_pod_creator_is_served() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, review) = fixture("pod_create_by_non_admin_user.json");
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true);
@@ -720,7 +704,7 @@ async fn without_an_allow_list_any_pod_creator_is_served() {
 
 #[tokio::test]
 async fn a_requested_secret_that_does_not_exist_denies_the_pod_naming_it() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("pod_create_generate_name_multi_container_subset.json");
     // POSTGRES_PASSWORD exists, but for bob: alice must not get it, and is told it is missing.
     review["request"]["object"]["metadata"]["annotations"]["agentsecrets.io/secrets"] =
@@ -749,7 +733,12 @@ async fn a_secret_that_cannot_be_opened_denies_the_pod() {
         &other,
         "x",
     ));
-    let server = TestServer::start_with(fixture_policy(), keyring, secrets).await;
+    let server = TestServer::start(Setup {
+        keyring,
+        secrets: Some(secrets),
+        ..Setup::default()
+    })
+    .await;
     let (path, review) = fixture("pod_create_named.json");
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], false);
@@ -763,7 +752,7 @@ async fn a_secret_that_cannot_be_opened_denies_the_pod() {
 
 #[tokio::test]
 async fn a_failed_secret_creation_denies_the_pod() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     *server.writer.fail_with.lock().unwrap() = Some("secrets is forbidden".into());
     let (path, review) = fixture("pod_create_named.json");
     let answer = server.review(&path, &review).await;
@@ -774,7 +763,7 @@ async fn a_failed_secret_creation_denies_the_pod() {
 
 #[tokio::test]
 async fn excluded_namespaces_are_never_injected() {
-    let server = TestServer::start(Policy {
+    let server = serve(Policy {
         excluded_namespaces: [NAMESPACE.to_owned()].into(),
         ..fixture_policy()
     })
@@ -785,8 +774,8 @@ async fn excluded_namespaces_are_never_injected() {
 
 #[tokio::test]
 async fn without_a_keyring_a_pod_with_secrets_is_denied() {
-    let server = TestServer::start(fixture_policy()).await;
-    server.keyring_handle.clear();
+    let server = serve(fixture_policy()).await;
+    server.state.keyring.clear();
     let (path, review) = fixture("pod_create_named.json");
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], false);

@@ -4,12 +4,20 @@
 //! reviews cannot make the operator fill a namespace with Secrets.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod common {
+    pub mod answers;
+    pub mod client;
+    pub mod fixtures;
+    pub mod serve;
+    pub mod server;
+}
 
 use agent_secrets::api::SealedValue;
 use agent_secrets::crypto::SealContext;
 use agent_secrets::webhook::{CONTROL_PLANE_DELETERS, Policy, Principal};
-use common::*;
+use common::answers::patched;
+use common::fixtures::{BOB_PG, NAMESPACE, fixture, fixture_policy};
+use common::serve::serve;
 use serde_json::{Value, json};
 
 fn as_user(review: &mut Value, username: &str, groups: &[&str]) {
@@ -28,7 +36,7 @@ fn sealed_in(object: &Value) -> SealedValue {
 
 #[tokio::test]
 async fn a_user_cannot_create_a_secret_for_another_owner() {
-    let server = TestServer::start(Policy::default()).await;
+    let server = serve(Policy::default()).await;
     // bob's secret, written by alice (and, as recorded, by the cluster admin).
     let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
     for (user, groups) in [
@@ -49,7 +57,7 @@ async fn a_user_cannot_create_a_secret_for_another_owner() {
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
     let stored = patched(&review["request"]["object"], &answer);
     let ctx = SealContext::new(NAMESPACE, "bob", "POSTGRES_PASSWORD");
-    let plain = sealed_in(&stored).open(&server.keyring, ctx).unwrap();
+    let plain = sealed_in(&stored).open(&server.keyring(), ctx).unwrap();
     assert_eq!(plain.expose(), b"fixture-plaintext-pg");
 }
 
@@ -57,7 +65,7 @@ async fn a_user_cannot_create_a_secret_for_another_owner() {
 async fn an_owner_may_be_named_by_a_prefixed_username_or_a_group() {
     let mut policy = Policy::default();
     policy.owner_binding.username_prefix = "oidc:".into();
-    let server = TestServer::start(policy).await;
+    let server = serve(policy).await;
     let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
     as_user(&mut review, "oidc:bob", &[]);
     assert_eq!(
@@ -81,7 +89,7 @@ async fn an_owner_may_be_named_by_a_prefixed_username_or_a_group() {
 async fn a_secret_administrator_writes_for_any_owner() {
     let mut policy = Policy::default();
     policy.owner_binding.administrators = vec![Principal::parse("group:secret-admins").unwrap()];
-    let server = TestServer::start(policy).await;
+    let server = serve(policy).await;
     let (path, mut review) = fixture("agentsecret_create_kubectl_create.json");
     as_user(&mut review, "platform-backend", &["secret-admins"]);
     assert_eq!(
@@ -92,7 +100,7 @@ async fn a_secret_administrator_writes_for_any_owner() {
 
 #[tokio::test]
 async fn nobody_deletes_another_owners_secret() {
-    let server = TestServer::start(Policy::default()).await;
+    let server = serve(Policy::default()).await;
     // alice's NOTION_API_KEY.
     let (path, mut review) = fixture("agentsecret_delete.json");
     as_user(&mut review, "mallory", &[]);
@@ -117,10 +125,10 @@ async fn nobody_deletes_another_owners_secret() {
 
 #[tokio::test]
 async fn a_sealed_value_copied_to_another_secret_of_the_same_owner_is_refused() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     // bob's POSTGRES_PASSWORD, sealed, pasted into a new secret of bob named OTHER_SECRET.
     let stolen = agent_secrets::testing::sealed(
-        &server.keyring,
+        &server.keyring(),
         NAMESPACE,
         "bob",
         "POSTGRES_PASSWORD",
@@ -141,11 +149,11 @@ async fn a_sealed_value_copied_to_another_secret_of_the_same_owner_is_refused() 
 
 #[tokio::test]
 async fn renaming_a_secret_reseals_its_value_for_the_new_name() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
     // The stored object: bob's POSTGRES_PASSWORD, sealed.
     let stored = agent_secrets::testing::sealed(
-        &server.keyring,
+        &server.keyring(),
         NAMESPACE,
         "bob",
         "POSTGRES_PASSWORD",
@@ -162,19 +170,19 @@ async fn renaming_a_secret_reseals_its_value_for_the_new_name() {
     let resealed = sealed_in(&updated);
     assert_ne!(resealed, stored);
     let renamed = SealContext::new(NAMESPACE, "bob", "DB_PASSWORD");
-    let plain = resealed.open(&server.keyring, renamed).unwrap();
+    let plain = resealed.open(&server.keyring(), renamed).unwrap();
     assert_eq!(plain.expose(), b"the-password");
     assert_eq!(
         resealed.sealed_at, stored.sealed_at,
         "the seal time is kept"
     );
     let old_name = SealContext::new(NAMESPACE, "bob", "POSTGRES_PASSWORD");
-    assert!(resealed.open(&server.keyring, old_name).is_err());
+    assert!(resealed.open(&server.keyring(), old_name).is_err());
 }
 
 #[tokio::test]
 async fn env_names_that_hijack_a_runtime_are_refused() {
-    let server = TestServer::start(fixture_policy()).await;
+    let server = serve(fixture_policy()).await;
     for name in [
         "NODE_OPTIONS",
         "HTTPS_PROXY",
@@ -196,7 +204,7 @@ async fn forged_pod_reviews_stop_creating_secrets_past_the_per_namespace_bound()
         max_unadopted_pod_secrets: 2,
         ..fixture_policy()
     };
-    let server = TestServer::start(policy).await;
+    let server = serve(policy).await;
     let (path, template) = fixture("pod_create_named.json");
     let mut answers = Vec::new();
     for i in 0..3 {
@@ -211,7 +219,7 @@ async fn forged_pod_reviews_stop_creating_secrets_past_the_per_namespace_bound()
         "already has 2 pod-scoped Secrets whose pods have not appeared",
     );
     assert_eq!(server.created().len(), 2);
-    let metrics = server.metrics.encode();
+    let metrics = server.state.metrics.encode();
     assert!(
         metrics.contains("agentsecrets_pod_secrets_created_total{result=\"limited\"} 1"),
         "{metrics}"

@@ -1,14 +1,20 @@
 //! Mutating admission: seal AgentSecrets on the way in, inject sandbox pods.
 //!
 //! The decisions are pure functions ([`agentsecret::mutate`], [`pod::mutate`]) of the
-//! request, the keyring, the cache and the [`Policy`]; [`server`] only converts HTTP to
-//! AdmissionReviews and performs the one side effect (creating the pod-scoped Secret).
+//! request, the keyring, the cache and the [`Policy`]; the [`server`]'s handlers only convert
+//! HTTP to AdmissionReviews ([`review`], [`response`]) and perform the one side effect
+//! (creating the pod-scoped Secret, [`writer`]).
 
 pub mod agentsecret;
+mod handlers;
+pub mod limits;
 pub mod patch;
 pub mod pod;
+pub mod response;
 pub mod review;
 pub mod server;
+pub mod tls;
+pub mod writer;
 
 use k8s_openapi::api::authentication::v1::UserInfo;
 use kube::core::admission::Operation;

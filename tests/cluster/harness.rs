@@ -12,7 +12,7 @@ pub(crate) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-config
 // Cluster plumbing
 
 pub(crate) async fn client() -> Client {
-    common::install_crypto_provider();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::try_default().await.unwrap_or_else(|e| {
         panic!("cannot reach a Kubernetes API server (set KUBECONFIG to the test cluster's kubeconfig): {e}")
     })
