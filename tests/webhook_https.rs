@@ -786,3 +786,34 @@ async fn without_a_keyring_a_pod_with_secrets_is_denied() {
             .contains("no keyring")
     );
 }
+
+/// `helm test` posts charts/agent-secrets/files/helm-test-review.json to /mutate/pods over TLS
+/// and passes when the answer allows it under the same uid: the real webhook server does.
+#[tokio::test]
+async fn the_helm_test_review_is_admitted_by_the_webhook_over_tls() {
+    let body = read_repo_file("charts/agent-secrets/files/helm-test-review.json");
+    let review: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let uid = review["request"]["uid"].as_str().unwrap();
+    let server = TestServer::start(Setup::default()).await;
+    let (status, answer) = server.post("/mutate/pods", body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["response"]["uid"], uid);
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(
+        answer["response"].get("patch").is_none(),
+        "nothing is injected: {answer}"
+    );
+    assert!(server.created().is_empty(), "a dry run creates nothing");
+    // The test pod matches the answer as text: it must be compact JSON with these fields.
+    let text = serde_json::to_string(&answer).unwrap();
+    assert!(text.contains(&format!("\"uid\":\"{uid}\"")) && text.contains("\"allowed\":true"));
+    let template = read_repo_file("charts/agent-secrets/templates/tests/webhook-test.yaml");
+    assert!(
+        template.contains(&format!("'\"uid\":\"{uid}\"'")),
+        "the test pod expects this uid"
+    );
+}
+
+fn read_repo_file(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}

@@ -38,6 +38,11 @@ pub struct RunArgs {
         default_value = "/etc/agentsecrets/tls/tls.key"
     )]
     pub tls_key: PathBuf,
+    /// PEM CA bundle; when set, the webhook requires a client certificate issued by it (the
+    /// API server's, from its AdmissionConfiguration kubeConfigFile). Reloaded with the
+    /// certificate.
+    #[arg(long, env = "AGENTSECRETS_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
     /// Keyring file (`primary: <id>`, `keys: [{id, key}]`); reloaded when it changes.
     #[arg(
         long,

@@ -23,12 +23,18 @@ use crate::crypto::KeyringHandle;
 use crate::telemetry::Metrics;
 use crate::webhook::server::{self, AppState, KubeSecretWriter};
 
+
 /// The webhook's TLS configuration once both files exist and load, checked every 2 s; `None`
 /// when stopped first.
-async fn wait_for_tls(cert: &Path, key: &Path, stop: &CancellationToken) -> Option<RustlsConfig> {
+async fn wait_for_tls(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    stop: &CancellationToken,
+) -> Option<RustlsConfig> {
     let mut waited = 0u32;
     loop {
-        match RustlsConfig::from_pem_file(cert, key).await {
+        match crate::webhook::tls::load(cert, key, client_ca) {
             Ok(tls) => return Some(tls),
             Err(error) => {
                 // Once at first, then every 30 s: the file appears when the kubelet projects
@@ -57,6 +63,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         admin_addr,
         tls_cert,
         tls_key,
+        client_ca,
         keyring,
         policy,
         pod_secret_grace,
@@ -174,7 +181,8 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         let router = server::webhook_router(state.clone());
         let tls_loaded = tls_loaded.clone();
         tasks.spawn(async move {
-            let Some(tls) = wait_for_tls(&tls_cert, &tls_key, &stop).await else {
+            let Some(tls) = wait_for_tls(&tls_cert, &tls_key, client_ca.as_deref(), &stop).await
+            else {
                 return Ok(());
             };
             tls_loaded.store(true, std::sync::atomic::Ordering::Release);
@@ -182,6 +190,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 tls.clone(),
                 tls_cert,
                 tls_key,
+                client_ca,
                 reload_interval,
                 stop.clone().cancelled_owned(),
             );
