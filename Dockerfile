@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # agentsecrets: the operator, admission webhook and CLI, in one static-ish binary on distroless.
 #
-#   docker build -t agentsecrets .
-#   docker run --rm agentsecrets keys generate --id demo
+#   docker build -t ghcr.io/agent-secrets/agentsecrets:0.1.0 .   (the chart's image, tag = appVersion)
+#   docker run --rm ghcr.io/agent-secrets/agentsecrets:0.1.0 keys generate --id demo
 
 # Build stage: the locked dependency set, release profile.
 FROM rust:1-bookworm AS build

@@ -2,13 +2,14 @@
 """Lint and render the agent-secrets Helm chart with real Helm, and keep manifests/ in sync.
 
 Helm here is Helm v4's own Go library (chart loader, template engine with Sprig, lint rules,
-values-schema validation), called through the helm-python-sdk package from PyPI; no helm binary
-and no cluster are needed (the upgrade check of `lint` answers Helm's `lookup` from a small fake
-API server on 127.0.0.1). Install it with hack/install-helm.sh.
+values-schema validation, `--set` parser), called through the helm-python-sdk package from PyPI;
+no helm binary and no cluster are needed. Install it with hack/install-helm.sh.
 
-    python3 hack/helm.py lint     # helm lint --strict of every values scenario, plus render checks
+    python3 hack/helm.py lint     # helm lint --strict of every values scenario, plus render checks,
+                                  # and the README quick start's helm command rendered as written
     python3 hack/helm.py render   # write manifests/ from the chart
-    python3 hack/helm.py check    # fail if manifests/ or the chart's CRD copy is out of date
+    python3 hack/helm.py check    # fail if manifests/ or the chart's CRD copy is out of date, or if
+                                  # a render carries key material or differs from a second one
 
 Exit status: 0 when everything passed, 1 on any finding, 2 when Helm is not installed.
 """
@@ -19,11 +20,11 @@ import argparse
 import base64
 import difflib
 import json
+import re
+import shlex
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,20 @@ NAMESPACE = "agent-secrets"
 # The oldest Kubernetes the chart supports (the CRD's CEL rules need 1.30).
 KUBE_VERSION = "v1.30.0"
 KEYRING_SECRET = "agent-secrets-keyring"
+TLS_SECRET = "agent-secrets-tls"
 
-# Values the static manifests are rendered with: no private key and no key material in a file
-# that is checked in and applied verbatim.
-MANIFEST_VALUES: dict[str, Any] = {
-    "certManager": {"enabled": True},
-    "keyring": {"existingSecret": KEYRING_SECRET},
-}
+# The static manifests are the chart's defaults: the operator creates the keyring and the
+# webhook's certificate at run time, so nothing secret is rendered and nothing (such as
+# cert-manager) must be installed first.
+MANIFEST_VALUES: dict[str, Any] = {}
+
+# What key material looks like in a rendered object: PEM private keys, and data keys of a
+# keyring or TLS Secret (the chart renders neither Secret any more).
+KEY_MATERIAL = [
+    (re.compile(r"PRIVATE KEY"), "a PEM private key"),
+    (re.compile(r"^\s*keyring\.yaml:\s*\S", re.M), "keyring data"),
+    (re.compile(r"^\s*(tls\.key|ca\.key):\s*\S", re.M), "a TLS private key in Secret data"),
+]
 
 # Helm's install order (pkg/release/v1/util/kind_sorter.go); other kinds follow, by name.
 INSTALL_ORDER = [
@@ -88,19 +96,43 @@ class Scenario:
 
 SCENARIOS = [
     Scenario(
-        "defaults (generated certificate and keyring)",
-        {},
-        expect_kinds={"Deployment", "Service", "ServiceAccount", "Secret", "ClusterRole",
+        "defaults = manifests/ (the operator creates its keyring and certificate)",
+        MANIFEST_VALUES,
+        expect_kinds={"Deployment", "Service", "ServiceAccount", "ClusterRole",
                       "ClusterRoleBinding", "Role", "RoleBinding", "PodDisruptionBudget",
                       "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy",
-                      "ValidatingAdmissionPolicyBinding"},
-        forbid_kinds={"Certificate", "Issuer", "ServiceMonitor", "NetworkPolicy", "ConfigMap"},
+                      "ValidatingAdmissionPolicyBinding", "Pod"},
+        forbid_kinds={"Certificate", "Issuer", "ServiceMonitor", "NetworkPolicy", "ConfigMap", "Secret"},
     ),
     Scenario(
-        "manifests (cert-manager, existing keyring)",
-        MANIFEST_VALUES,
+        "cert-manager with the chart's private CA, existing keyring",
+        {"certManager": {"enabled": True}, "keyring": {"existingSecret": KEYRING_SECRET}},
         expect_kinds={"Certificate", "Issuer", "MutatingWebhookConfiguration"},
         forbid_kinds={"Secret"},
+    ),
+    Scenario(
+        "cert-manager with an existing ClusterIssuer",
+        {"certManager": {"enabled": True, "issuerRef": {"name": "internal-ca", "kind": "ClusterIssuer"}}},
+        expect_kinds={"Certificate", "Role"},
+        forbid_kinds={"Issuer", "Secret"},
+    ),
+    Scenario(
+        "OpenShift restricted SCC, host network, spread, extra args and env, narrower webhooks",
+        {
+            "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+            "securityContext": {"runAsUser": None, "runAsGroup": None},
+            "hostNetwork": True,
+            "webhook": {"port": 9443,
+                        "namespaceSelector": {"matchLabels": {"sandboxes.example.com/enabled": "true"},
+                                              "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["system"]}]},
+                        "objectSelector": {"matchExpressions": [{"key": "runtime.example.com/class", "operator": "Exists"}]}},
+            "admin": {"port": 9080},
+            "topologySpreadConstraints": [
+                {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+            "extraArgs": ["--reload-interval=30s"],
+            "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy.internal:3128"}],
+        },
+        expect_kinds={"Deployment", "Pod"},
     ),
     Scenario(
         "development webhook URL, one replica, everything optional on",
@@ -119,8 +151,8 @@ SCENARIOS = [
             "tolerations": [{"key": "dedicated", "operator": "Exists"}],
             "nodeSelector": {"kubernetes.io/os": "linux"},
         },
-        expect_kinds={"ServiceMonitor", "NetworkPolicy", "Secret"},
-        forbid_kinds={"PodDisruptionBudget", "Certificate"},
+        expect_kinds={"ServiceMonitor", "NetworkPolicy"},
+        forbid_kinds={"PodDisruptionBudget", "Certificate", "Secret", "Pod"},
     ),
     Scenario(
         "cert-manager with a development URL, no RBAC, existing service account",
@@ -142,7 +174,7 @@ SCENARIOS = [
     Scenario(
         "mutual TLS: the API server's client CA",
         {"webhook": {"clientCA": PEM}},
-        expect_kinds={"ConfigMap"},
+        expect_kinds={"ConfigMap", "Pod"},
     ),
     Scenario(
         "owner binding: prefixes and secret administrators",
@@ -186,9 +218,11 @@ SCENARIOS = [
                 "proxyClientCA": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
                 "tls": {"secretName": "agent-secrets-ui-tls"},
                 "replicaCount": 2,
+                "csrfKeySecret": "ui-csrf-key",
             },
         },
-        expect_kinds={"Deployment", "ConfigMap", "Secret"},
+        expect_kinds={"Deployment", "ConfigMap"},
+        forbid_kinds={"Secret"},
     ),
 ]
 
@@ -222,6 +256,23 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("a namespace template without {user}", {"ui": {"namespaceTemplate": "users"}}),
     ("a trusted proxy CIDR that is a hostname", {"ui": {"trustedProxyCIDRs": ["proxy.example"]}}),
     ("an unknown key in the Secrets page settings", {"ui": {"enable": True}}),
+    ("a CSRF key Secret name that is not a DNS name", {"ui": {"csrfKeySecret": "UI key"}}),
+    # The settings the operator-owned keys and chart conventions added.
+    ("the removed chart-generated certificate's validity", {"certs": {"validityDays": 365}}),
+    ("an issuerRef without a kind", {"certManager": {"issuerRef": {"name": "ca", "kind": ""}}}),
+    ("an issuerRef with an unknown key", {"certManager": {"issuerRef": {"name": "ca", "namespace": "x"}}}),
+    ("an issuer name that is not a DNS name", {"certManager": {"issuerRef": {"name": "Internal CA"}}}),
+    ("an extra arg that is not a flag", {"extraArgs": ["30s"]}),
+    ("a string where the extra args list belongs", {"extraArgs": "--reload-interval=30s"}),
+    ("an extra env entry without a name", {"extraEnv": [{"value": "x"}]}),
+    ("a spread constraint without a topologyKey", {"topologySpreadConstraints": [{"maxSkew": 1, "whenUnsatisfiable": "DoNotSchedule"}]}),
+    ("a negative runAsUser", {"podSecurityContext": {"runAsUser": -1}}),
+    ("a string where hostNetwork's boolean belongs", {"hostNetwork": "true"}),
+    ("an unknown selector operator", {"webhook": {"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "Equals", "values": ["b"]}]}}}),
+    ("an In requirement without values", {"webhook": {"objectSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}}),
+    ("an Exists requirement with values", {"webhook": {"objectSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["b"]}]}}}),
+    ("a selector replacing the chart's", {"webhook": {"namespaceSelector": {"matchNames": ["x"]}}}),
+    ("a test pod without an image", {"test": {"image": ""}}),
 ]
 
 
@@ -314,6 +365,11 @@ def check_objects(scenario: Scenario, rendered: dict[str, str], findings: Findin
     check_policies(values, by_kind, findings)
     check_rbac(values, by_kind, findings)
     check_ui(values, by_kind, findings)
+    check_test_pod(values, by_kind, findings)
+    notes = next((text for path, text in rendered.items() if path.endswith("NOTES.txt")), "")
+    # A value typed into a heredoc stays in the shell's history; the NOTES show the CLI instead.
+    if re.search(r"<<-?\s*['\"]?\w", notes):
+        findings.fail("NOTES.txt shows a heredoc: a value typed into it lands in shell history")
     findings.ok(f"{len(docs)} objects well-formed: {', '.join(sorted(k for k in kinds if k))}")
 
 
@@ -350,22 +406,35 @@ def check_webhooks(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any
     if values["sandboxNamespaces"]:
         want_selector.append({"key": "kubernetes.io/metadata.name", "operator": "In",
                               "values": values["sandboxNamespaces"]})
+    # The user's terms come after the chart's, in the same selector: Kubernetes ANDs them, so
+    # they narrow it and can never bring back an excluded namespace or an unlabelled pod.
+    extra_ns = values["webhook"]["namespaceSelector"]
+    want_selector += extra_ns["matchExpressions"]
     for name, hook in webhooks.items():
-        expressions = hook["namespaceSelector"]["matchExpressions"]
-        if [{**e, "values": ANY} if e["operator"] == "NotIn" else e for e in expressions] != want_selector:
+        selector = hook["namespaceSelector"]
+        expressions = selector["matchExpressions"]
+        if [{**e, "values": ANY} if e is expressions[0] else e for e in expressions] != want_selector:
             findings.fail(f"webhook {name}: namespaceSelector {expressions}, expected {want_selector}")
         elif set(expressions[0]["values"]) != want_excluded:
             findings.fail(f"webhook {name}: namespaceSelector excludes {sorted(expressions[0]['values'])}, "
                           f"expected {sorted(want_excluded)}")
+        if selector.get("matchLabels", {}) != extra_ns["matchLabels"]:
+            findings.fail(f"webhook {name}: namespaceSelector.matchLabels {selector.get('matchLabels')}, "
+                          f"expected {extra_ns['matchLabels']}")
+    if "objectSelector" in webhooks["agentsecrets.agentsecrets.io"]:
+        findings.fail("the AgentSecret webhook must see every AgentSecret (no objectSelector)")
     if webhooks["agentsecrets.agentsecrets.io"]["rules"][0]["operations"] != ["CREATE", "UPDATE", "DELETE"]:
         findings.fail("the AgentSecret webhook must see CREATE, UPDATE and DELETE (owner binding)")
     pods = webhooks["pods.agentsecrets.io"]
     if pods["rules"][0]["operations"] != ["CREATE"]:
         findings.fail("the pod webhook must be CREATE only")
-    if pods.get("objectSelector", {}).get("matchExpressions") != [
-        {"key": "agentsecrets.io/owner", "operator": "Exists"}
-    ]:
-        findings.fail("the pod webhook must select only pods labelled agentsecrets.io/owner")
+    extra_obj = values["webhook"]["objectSelector"]
+    want_objects = [{"key": "agentsecrets.io/owner", "operator": "Exists"}, *extra_obj["matchExpressions"]]
+    if pods.get("objectSelector", {}).get("matchExpressions") != want_objects:
+        findings.fail("the pod webhook must select only pods labelled agentsecrets.io/owner "
+                      f"(then webhook.objectSelector): {pods.get('objectSelector')}")
+    if pods.get("objectSelector", {}).get("matchLabels", {}) != extra_obj["matchLabels"]:
+        findings.fail("the pod webhook's objectSelector.matchLabels is not webhook.objectSelector.matchLabels")
     annotations = (config["metadata"].get("annotations") or {})
     url = values["webhook"]["url"]
     cert_manager = values["certManager"]["enabled"]
@@ -386,13 +455,11 @@ def check_webhooks(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any
         else:
             if "url" in client or client.get("service", {}).get("namespace") != NAMESPACE:
                 findings.fail(f"webhook {name}: expected the in-cluster service, got {client}")
-            if cert_manager:
-                if "caBundle" in client:
-                    findings.fail(f"webhook {name}: caBundle must be left to cert-manager's cainjector")
-            else:
-                secret = next((s for s in by_kind.get("Secret", []) if s["metadata"]["name"].endswith("-tls")), None)
-                if secret is None or client.get("caBundle") != secret["data"]["ca.crt"]:
-                    findings.fail(f"webhook {name}: caBundle is not the generated CA")
+            # Filled in the cluster (the operator, or cert-manager's cainjector); a rendered one
+            # would be written over the live CA by every re-render.
+            if "caBundle" in client:
+                findings.fail(f"webhook {name}: a caBundle is rendered; it must be left to "
+                              f"{'cainjector' if cert_manager else 'the operator'}")
     inject = "cert-manager.io/inject-ca-from" in annotations
     if inject != (cert_manager and not url):
         findings.fail(f"cert-manager.io/inject-ca-from present={inject}, expected {cert_manager and not url}")
@@ -413,7 +480,6 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
     args = container["args"]
     if args[0] != "run":
         findings.fail(f"container args must start with `run`, got {args[:1]}")
-    flags = dict(a[2:].split("=", 1) for a in args[1:])
     want = {
         "webhook-addr": f"0.0.0.0:{values['webhook']['port']}",
         "admin-addr": f"0.0.0.0:{values['admin']['port']}",
@@ -441,6 +507,22 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
         want["sandbox-namespaces"] = ",".join(values["sandboxNamespaces"])
     if values["webhook"]["clientCA"]:
         want["client-ca"] = "/etc/agentsecrets/client-ca/ca.crt"
+    fullname = RELEASE
+    operator_tls = not values["certManager"]["enabled"]
+    if operator_tls:
+        want["tls-secret"] = f"{fullname}-tls"
+        want["webhook-service"] = fullname
+        if not values["webhook"]["url"]:
+            want["webhook-configuration"] = fullname
+    keyring_secret = values["keyring"]["existingSecret"] or f"{fullname}-keyring"
+    if not values["keyring"]["existingSecret"]:
+        want["keyring-secret"] = keyring_secret
+        want["initial-key-id"] = values["keyring"]["initialKeyId"]
+    extra = values["extraArgs"]
+    if extra and args[len(args) - len(extra):] != extra:
+        findings.fail(f"extraArgs {extra} are not appended to the container args: {args}")
+    args = args[: len(args) - len(extra)] if extra else args
+    flags = dict(a[2:].split("=", 1) for a in args[1:])
     for flag, value in want.items():
         if flags.get(flag) != value:
             findings.fail(f"--{flag} is {flags.get(flag)!r}, expected {value!r}")
@@ -450,15 +532,47 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
     unknown = set(flags) - set(want) - {"excluded-namespaces"}
     if unknown:
         findings.fail(f"unexpected flags {sorted(unknown)}")
-    security = container["securityContext"]
+    # The security contexts are the values, whole (a null in the values removes a default, as
+    # OpenShift's restricted SCC needs); whatever the IDs, the rest stays locked down.
+    security = container.get("securityContext", {})
+    if security != values["securityContext"] or pod.get("securityContext", {}) != values["podSecurityContext"]:
+        findings.fail("the security contexts are not podSecurityContext and securityContext")
     for key, expected in (("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False),
-                          ("runAsNonRoot", True), ("runAsUser", 65532)):
+                          ("runAsNonRoot", True)):
         if security.get(key) != expected:
             findings.fail(f"container securityContext.{key} is {security.get(key)!r}")
     if security.get("capabilities", {}).get("drop") != ["ALL"]:
         findings.fail("container must drop ALL capabilities")
     if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
         findings.fail("pod seccompProfile must be RuntimeDefault")
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        if key in pod.get("securityContext", {}) and pod["securityContext"][key] != values["podSecurityContext"].get(key):
+            findings.fail(f"pod securityContext.{key} is not the value's")
+    host = values["hostNetwork"]
+    if bool(pod.get("hostNetwork")) != host or (pod.get("dnsPolicy") == "ClusterFirstWithHostNet") != host:
+        findings.fail(f"hostNetwork {pod.get('hostNetwork')} / dnsPolicy {pod.get('dnsPolicy')} for hostNetwork={host}")
+    spread = pod.get("topologySpreadConstraints", [])
+    if len(spread) != len(values["topologySpreadConstraints"]):
+        findings.fail("topologySpreadConstraints are not the values'")
+    selector = deployments[0]["spec"]["selector"]["matchLabels"]
+    for constraint, given in zip(spread, values["topologySpreadConstraints"]):
+        want_selector = given.get("labelSelector", {"matchLabels": selector})
+        if constraint.get("labelSelector") != want_selector or any(constraint.get(k) != v for k, v in given.items()):
+            findings.fail(f"topology spread constraint {constraint} is not {given} over the operator's pods")
+    secrets = {v.get("secret", {}).get("secretName"): v["secret"] for v in pod["volumes"] if "secret" in v}
+    # Both Secrets may be written after the pod starts; the operator waits for the files.
+    tls_volume = secrets.get(f"{fullname}-tls", {})
+    if not tls_volume.get("optional") or [i["key"] for i in tls_volume.get("items", [])] != ["tls.crt", "tls.key"]:
+        findings.fail(f"the TLS Secret must be mounted optional, tls.crt and tls.key only: {tls_volume}")
+    keyring_volume = secrets.get(keyring_secret, {})
+    if bool(keyring_volume.get("optional")) != (not values["keyring"]["existingSecret"]):
+        findings.fail(f"the keyring Secret {keyring_secret} must be optional exactly when the operator creates it")
+    env_names = [e["name"] for e in container["env"]]
+    for entry in values["extraEnv"]:
+        if entry not in container["env"]:
+            findings.fail(f"extraEnv {entry['name']} is not in the container's env")
+    if len(env_names) != len(set(env_names)):
+        findings.fail(f"duplicate env names: {env_names}")
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     paths = ["/etc/agentsecrets/tls", "/etc/agentsecrets/keyring"]
     if values["webhook"]["clientCA"]:
@@ -542,6 +656,73 @@ def check_rbac(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]],
                 if b["roleRef"]["kind"] == "ClusterRole" and sandbox_rights(roles.get(b["roleRef"]["name"], {}))}
     if bound_in != set(sandboxes):
         findings.fail(f"Secret and Pod rights are bound in namespaces {sorted(bound_in)}, expected {sorted(sandboxes)}")
+    check_bootstrap_rbac(values, by_kind, findings)
+
+
+def check_bootstrap_rbac(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
+    """The operator's own keyring and TLS Secrets and its webhook configuration: exactly the
+    rights the bootstrap calls need (src/bootstrap.rs), limited by name wherever RBAC can."""
+    fullname = RELEASE
+    keyring = not values["keyring"]["existingSecret"]
+    tls = not values["certManager"]["enabled"]
+    patches_ca = tls and not values["webhook"]["url"]
+    want_rules = []
+    if tls or keyring:
+        want_rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]})
+        names = ([f"{fullname}-keyring"] if keyring else []) + ([f"{fullname}-tls"] if tls else [])
+        want_rules.append({"apiGroups": [""], "resources": ["secrets"], "resourceNames": names, "verbs": ["get"]})
+    if tls:
+        want_rules.append({"apiGroups": [""], "resources": ["secrets"], "resourceNames": [f"{fullname}-tls"],
+                           "verbs": ["update"]})
+    roles = {r["metadata"]["name"]: r for r in by_kind.get("Role", [])}
+    bootstrap = roles.get(f"{fullname}-bootstrap")
+    if (bootstrap or {}).get("rules", []) != want_rules:
+        findings.fail(f"bootstrap Role rules {(bootstrap or {}).get('rules')}, expected {want_rules}")
+    bound = any(b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{fullname}-bootstrap"}
+                and b["metadata"]["namespace"] == NAMESPACE for b in by_kind.get("RoleBinding", []))
+    if bool(want_rules) != bound:
+        findings.fail(f"bootstrap RoleBinding present={bound}, expected {bool(want_rules)}")
+    cluster_role = next((r for r in by_kind.get("ClusterRole", []) if r["metadata"]["name"] == fullname), {})
+    webhook_rules = [r for r in cluster_role.get("rules", []) if "admissionregistration.k8s.io" in r.get("apiGroups", [])]
+    want_webhook = [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+                     "resourceNames": [fullname], "verbs": ["get", "patch"]}] if patches_ca else []
+    if webhook_rules != want_webhook:
+        findings.fail(f"webhook configuration rights {webhook_rules}, expected {want_webhook}")
+
+
+def check_test_pod(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
+    """The `helm test` pod: a test hook, unprivileged, reading only ca.crt, calling the Service."""
+    pods = by_kind.get("Pod", [])
+    if values["webhook"]["url"]:
+        if pods:
+            findings.fail("a helm test pod is rendered for an out-of-cluster webhook")
+        return
+    if len(pods) != 1:
+        findings.fail(f"expected one helm test pod, got {len(pods)}")
+        return
+    pod = pods[0]
+    annotations = pod["metadata"].get("annotations", {})
+    if annotations.get("helm.sh/hook") != "test":
+        findings.fail("the test pod is not a helm.sh/hook: test")
+    spec = pod["spec"]
+    if spec.get("automountServiceAccountToken") is not False:
+        findings.fail("the test pod must not get an API token")
+    items = [i["key"] for v in spec["volumes"] for i in v.get("secret", {}).get("items", [])]
+    if items != ["ca.crt"]:
+        findings.fail(f"the test pod may mount ca.crt only, got {items}")
+    script = spec["containers"][0]["args"][0]
+    host = f"https://{RELEASE}.{NAMESPACE}.svc:{values['service']['port']}/mutate/pods"
+    if host not in script:
+        findings.fail(f"the test pod does not call {host}")
+    labels = pod["metadata"].get("labels", {})
+    for service in by_kind.get("Service", []):
+        if all(labels.get(k) == v for k, v in service["spec"]["selector"].items()):
+            findings.fail(f"Service {service['metadata']['name']} selects the test pod")
+    review = json.loads((CHART / "files" / "helm-test-review.json").read_text())
+    if review["request"].get("dryRun") is not True or "agentsecrets.io/owner" in json.dumps(review):
+        findings.fail("the test review must be a dry run of an unlabelled pod (no side effects)")
+    if f"'{json.dumps(review, separators=(',', ':'))}'" not in script:
+        findings.fail("the test pod does not post files/helm-test-review.json as written")
 
 
 def check_ui(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], findings: Findings) -> None:
@@ -583,6 +764,9 @@ def check_ui(values: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]], f
         want["proxy-client-ca"] = "/etc/agentsecrets/ui-proxy-ca/ca.crt"
     if flags != want:
         findings.fail(f"Secrets page flags {flags}, expected {want}")
+    csrf = next(v for v in pod["volumes"] if v["name"] == "csrf")["secret"]["secretName"]
+    if csrf != (ui["csrfKeySecret"] or f"{RELEASE}-ui-csrf"):
+        findings.fail(f"the CSRF key is mounted from {csrf}, not ui.csrfKeySecret or the generated one")
     security = container["securityContext"]
     if not (security.get("readOnlyRootFilesystem") and security.get("runAsNonRoot")
             and security.get("allowPrivilegeEscalation") is False
@@ -653,101 +837,213 @@ def cmd_lint(_: argparse.Namespace) -> int:
             else:
                 findings.fail(f"accepts {why}: {values}")
 
-    print("\n[an upgrade keeps the existing keyring and certificate (lookup)]")
-    check_upgrade_keeps_secrets(findings)
+    print("\n[README quick start: its helm command, as written]")
+    check_readme_quickstart(findings)
 
     print("\n[values.yaml documents every value]")
     check_values_comments(findings)
     return summary(findings, "lint")
 
 
-class FakeSecretsAPI(BaseHTTPRequestHandler):
-    """Just enough of a Kubernetes API server, on the loopback address, for Helm's `lookup` of
-    Secrets in the release namespace: discovery of v1 and GET of the Secrets in `secrets`."""
+README = REPO / "README.md"
+# What `kubectl auth whoami` prints for kind's (kubeadm's) admin kubeconfig: the quick start's
+# command substitution, resolved offline.
+SAMPLE_ADMIN = "kubernetes-admin"
 
-    secrets: dict[str, dict[str, str]] = {}
 
-    def log_message(self, *args: Any) -> None:  # keep the output to the findings
-        pass
+def quickstart_commands() -> list[list[str]]:
+    """The shell commands of the README's "Quick start on a cluster", as argv lists: fenced sh
+    blocks, continuation lines joined, comments dropped, `$(kubectl auth whoami ...)` resolved
+    to a sample username."""
+    text = README.read_text()
+    section = text.split("\n## Quick start on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            line = re.sub(r"\$\(kubectl auth whoami [^)]*\)", SAMPLE_ADMIN, line)
+            commands.append(shlex.split(line))
+    return commands
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
-        prefix = f"/api/v1/namespaces/{NAMESPACE}/secrets/"
-        name = path[len(prefix):] if path.startswith(prefix) else None
-        if path == "/api/v1":
-            status, body = 200, {
-                "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
-                "resources": [{"name": "secrets", "singularName": "secret", "namespaced": True,
-                               "kind": "Secret", "verbs": ["get", "list"]}],
-            }
-        elif name in self.secrets:
-            status, body = 200, {
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": name, "namespace": NAMESPACE}, "data": self.secrets[name],
-            }
+
+def option(argv: list[str], *names: str) -> list[str]:
+    """Every value of an option given as `NAME VALUE` or `NAME=VALUE`."""
+    values = []
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                values.append(argv[i + 1])
+            elif arg.startswith(name + "="):
+                values.append(arg[len(name) + 1:])
+    return values
+
+
+def deep_merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
         else:
-            status, body = 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                 "reason": "NotFound", "code": 404}
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+            into[key] = value
+    return into
 
 
-def check_upgrade_keeps_secrets(findings: Findings) -> None:
-    """Render an upgrade against a cluster that already holds the chart's keyring and TLS
-    Secrets: both must be reused as they are (a new keyring would make every sealed value
-    unreadable), and the webhook's caBundle must be the existing CA."""
-    fullname = RELEASE
-    keyring = base64.b64encode(b"primary: kek-2\nkeys:\n- id: kek-2\n  key: existing\n").decode()
-    tls = {"tls.crt": "ZXhpc3RpbmctY3J0", "tls.key": "ZXhpc3Rpbmcta2V5", "ca.crt": "ZXhpc3RpbmctY2E="}
-    FakeSecretsAPI.secrets = {f"{fullname}-keyring": {"keyring.yaml": keyring}, f"{fullname}-tls": tls}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSecretsAPI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def check_readme_quickstart(findings: Findings) -> None:
+    """Follow the README's quick start offline: the helm command renders and lints with the
+    exact --set flags it gives, the names used afterwards are the ones it installs, the image
+    it builds is the chart's, every file it applies exists and parses, and the principals it
+    uses are the ones the install allows."""
     try:
-        config = helm.Config(kube_apiserver=f"http://127.0.0.1:{server.server_address[1]}",
-                             kube_token="fake", namespace=NAMESPACE)
-        with config, load_chart() as chart:
-            rendered = config.render(chart, {}, name=RELEASE, namespace=NAMESPACE,
-                                     is_upgrade=True, revision=2)
-    except helm.HelmError as error:
-        findings.fail(f"render against the fake API server: {error}")
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = None
+
+    commands = quickstart_commands()
+    if not commands:
+        findings.fail("README.md: no shell commands under \"Quick start on a cluster\"")
         return
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-    objects = {(o["kind"], o["metadata"]["name"]): o for _, _, o in documents(rendered)}
-    kept_keyring = objects.get(("Secret", f"{fullname}-keyring"), {}).get("data")
-    if kept_keyring == {"keyring.yaml": keyring}:
-        findings.ok("the keyring Secret is reused, not regenerated")
-    else:
-        findings.fail("an upgrade would replace the existing keyring")
-    if objects.get(("Secret", f"{fullname}-tls"), {}).get("data") == tls:
-        findings.ok("the TLS Secret is reused")
-    else:
-        findings.fail("an upgrade would replace the existing serving certificate")
-    webhook = objects.get(("MutatingWebhookConfiguration", fullname), {})
-    bundles = {w["clientConfig"].get("caBundle") for w in webhook.get("webhooks", [])}
-    if bundles == {tls["ca.crt"]}:
-        findings.ok("the webhooks' caBundle is the existing CA")
-    else:
-        findings.fail(f"the webhooks' caBundle is not the existing CA: {bundles}")
+    with load_chart() as chart:
+        defaults = chart.merge_values({})
+        app_version = chart.app_version if hasattr(chart, "app_version") else None
+    if app_version is None:
+        app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    image = f"{defaults['image']['repository']}:{app_version}"
+    release = namespace = None
+    values: dict[str, Any] = {}
+    created_namespaces: set[str] = set()
+    pod_creators: dict[str, set[str]] = {}  # namespace -> principals granted create on pods
+    for argv in commands:
+        where = " ".join(argv)[:90]
+        tool, rest = argv[0], argv[1:]
+        if tool == "cargo" and rest[:1] == ["install"]:
+            manifest = (REPO / "Cargo.toml").read_text()
+            if tomllib is not None:
+                bins = [b["name"] for b in tomllib.loads(manifest).get("bin", [])]
+            else:
+                bins = re.findall(r'^\[\[bin\]\]\s*\nname\s*=\s*"([^"]+)"', manifest, re.M)
+            if option(argv, "--path") != ["."] or "agentsecrets" not in bins:
+                findings.fail(f"{where}: does not install the agentsecrets binary from this repository")
+            else:
+                findings.ok(f"{where}: installs the `agentsecrets` binary")
+        elif tool == "docker" and rest[:1] == ["build"]:
+            tags = option(argv, "-t", "--tag")
+            if tags != [image] or argv[-1] != "." or not (REPO / "Dockerfile").exists():
+                findings.fail(f"{where}: builds {tags}, expected the chart's image {image} from ./Dockerfile")
+            else:
+                findings.ok(f"{where}: builds the chart's image {image}")
+        elif tool == "kind" and rest[:2] == ["load", "docker-image"]:
+            if rest[2] != image:
+                findings.fail(f"{where}: loads {rest[2]}, expected the chart's image {image}")
+            else:
+                findings.ok(f"{where}: loads the chart's image")
+        elif tool == "helm" and rest[:1] == ["install"]:
+            release, chart_path = rest[1], rest[2]
+            namespace = option(argv, "-n", "--namespace")[0]
+            if (REPO / chart_path).resolve() != CHART:
+                findings.fail(f"{where}: installs {chart_path}, not {CHART.relative_to(REPO)}")
+            values = {}
+            for expression in option(argv, "--set"):
+                deep_merge(values, helm.parse_set_string(expression))
+            if (release, namespace) != (RELEASE, NAMESPACE):
+                findings.fail(f"{where}: release {release} in {namespace}; the README's later commands "
+                              f"and manifests/ use {RELEASE} in {NAMESPACE}")
+            with load_chart() as chart:
+                try:
+                    rendered = render(chart, values)
+                except helm.HelmError as error:
+                    findings.fail(f"{where}: does not render: {error}")
+                    continue
+            report = helm.lint(str(CHART), values, strict=True, namespace=namespace, kube_version=KUBE_VERSION)
+            problems = [m for m in report.get("messages") or [] if m["severity"] >= 2] + (report.get("errors") or [])
+            if problems:
+                findings.fail(f"{where}: helm lint --strict: {problems}")
+            else:
+                findings.ok(f"helm install with the README's --set {values}: renders and lints")
+            check_objects(Scenario("README quick start", values, expect_kinds={"Pod"}), rendered, findings)
+        elif tool == "helm" and rest[:1] == ["test"]:
+            if rest[1] != release or option(argv, "-n", "--namespace") != [namespace]:
+                findings.fail(f"{where}: not the installed release {release} in {namespace}")
+        elif tool == "kubectl":
+            ns = (option(argv, "-n", "--namespace") or [None])[0]
+            as_user = (option(argv, "--as") or [None])[0]
+            verb = [a for a in rest if not a.startswith("-") and a not in (ns, as_user)][:3]
+            if verb[:2] == ["rollout", "status"]:
+                if verb[2] != f"deployment/{RELEASE}" or ns != namespace:
+                    findings.fail(f"{where}: waits for {verb[2]} in {ns}, not the chart's Deployment")
+            elif verb[:2] == ["create", "namespace"]:
+                created_namespaces.add(verb[2])
+            elif verb[:2] == ["create", "rolebinding"]:
+                for account in option(argv, "--serviceaccount"):
+                    sa_ns, sa_name = account.split(":", 1)
+                    role = option(argv, "--role")[0]
+                    pod_creators.setdefault(ns, set()).add((f"system:serviceaccount:{sa_ns}:{sa_name}", role))
+            elif verb[:2] == ["create", "role"]:
+                if "create" in ",".join(option(argv, "--verb")).split(",") and "pods" in ",".join(option(argv, "--resource")).split(","):
+                    pod_creators.setdefault(ns, set()).add(("role", verb[2]))
+            for path in option(argv, "-f", "--filename"):
+                file = REPO / path
+                if not file.exists():
+                    findings.fail(f"{where}: {path} does not exist")
+                    continue
+                objects = [o for o in yaml.safe_load_all(file.read_text()) if o]
+                for obj in objects:
+                    obj_ns = obj["metadata"].get("namespace")
+                    if obj_ns not in created_namespaces:
+                        findings.fail(f"{where}: {path} uses namespace {obj_ns}, not created before")
+                kinds = {o["kind"] for o in objects}
+                if "AgentSecret" in kinds and as_user is None:
+                    # Written as yourself: only a secret administrator may write others' secrets.
+                    admins = values.get("ownerBinding", {}).get("administrators", [])
+                    if SAMPLE_ADMIN not in admins:
+                        findings.fail(f"{where}: you write other owners' AgentSecrets, but the install does "
+                                      f"not make you a secret administrator ({admins})")
+                if "Pod" in kinds:
+                    pod_ns = next(o["metadata"]["namespace"] for o in objects if o["kind"] == "Pod")
+                    allowed = values.get("allowedPrincipals", [])
+                    roles = {r for kind, r in pod_creators.get(pod_ns, set()) if kind == "role"}
+                    granted = {p for p, r in pod_creators.get(pod_ns, set()) if p != "role" and r in roles}
+                    if as_user not in allowed:
+                        findings.fail(f"{where}: the pod is created as {as_user or 'yourself'}, who is not in "
+                                      f"allowedPrincipals {allowed}: the webhook denies it")
+                    elif as_user not in granted:
+                        findings.fail(f"{where}: {as_user} is never granted create on pods in {pod_ns}")
+                    else:
+                        findings.ok(f"{where}: created by {as_user}, allowed and granted")
+                findings.ok(f"{path}: exists, {len(objects)} objects parse")
+    if release is None:
+        findings.fail("README.md: the quick start has no `helm install`")
+    # One image name everywhere people copy it from.
+    for doc in (README, REPO / "Dockerfile", CHART / "README.md"):
+        for named in re.findall(r"docker (?:build -t|run --rm) (\S+)", doc.read_text()):
+            if named != image:
+                findings.fail(f"{doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc}: image {named}, expected the chart's {image}")
 
 
 def check_values_comments(findings: Findings) -> None:
-    """Every leaf key in values.yaml has a comment line right above it."""
+    """Every leaf key in values.yaml has a comment line right above it (or belongs to an object
+    documented as a whole by a `# --` comment above its key, such as a securityContext)."""
     lines = (CHART / "values.yaml").read_text().splitlines()
     missing = []
+    documented_indent: int | None = None
     for index, line in enumerate(lines):
         stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if documented_indent is not None and stripped and not stripped.startswith("#"):
+            if indent > documented_indent:
+                continue
+            documented_indent = None
         if not stripped or stripped.startswith("#") or stripped.startswith("-") or ":" not in stripped:
             continue
         key, _, rest = stripped.partition(":")
+        previous = lines[index - 1].strip() if index else ""
         if rest.strip() == "" and index + 1 < len(lines) and lines[index + 1].startswith(line[: len(line) - len(line.lstrip())] + "  "):
+            first = index - 1
+            while first > 0 and lines[first - 1].strip().startswith("#"):
+                first -= 1
+            if index and lines[first].strip().startswith("# --"):
+                documented_indent = indent  # the object is documented whole
             continue  # a mapping whose children carry the comments
         previous = lines[index - 1].strip() if index else ""
         if not previous.startswith("#"):
@@ -763,7 +1059,8 @@ def manifest_files() -> dict[str, str]:
     with load_chart() as chart:
         rendered = render(chart, MANIFEST_VALUES)
         version = chart.version
-    docs = sorted(documents(rendered), key=install_order)
+    # Not the `helm test` pod: `kubectl apply` would run it as part of the install.
+    docs = sorted((d for d in documents(rendered) if not is_hook(d[2])), key=install_order)
     namespace = (
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n"
         "    app.kubernetes.io/part-of: agent-secrets\n"
@@ -773,13 +1070,12 @@ def manifest_files() -> dict[str, str]:
 # GENERATED by `python3 hack/helm.py render`; do not edit (`python3 hack/helm.py check` fails
 # when this file is out of date). See manifests/README.md.
 #
-# Rendered with release name {RELEASE}, namespace {NAMESPACE} and the chart's defaults, except:
-# - certManager.enabled=true: the webhook's serving certificate comes from cert-manager (which
-#   must be installed first), because a static file must not embed a private key;
-# - keyring.existingSecret={KEYRING_SECRET}: the keyring is not in this file (a static file must
-#   not carry key material). Create it once, and keep a backup:
-#     agentsecrets keys generate --secret {KEYRING_SECRET} -n {NAMESPACE} | kubectl create -f -
-#   (create, not client-side apply, which would copy the key into an annotation)
+# Rendered with release name {RELEASE}, namespace {NAMESPACE} and the chart's defaults (without
+# the `helm test` pod). No key material: at its first start the operator creates the keyring
+# Secret {KEYRING_SECRET} and the webhook's certificate Secret {TLS_SECRET}, and writes its CA
+# into the MutatingWebhookConfiguration's caBundle; nothing (such as cert-manager) is needed first.
+# Back the keyring Secret up once it exists. Re-applying this file never changes either Secret,
+# nor the caBundle (this file sets no caBundle, so apply leaves the operator's alone).
 # Install: kubectl apply -f manifests/crds.yaml -f manifests/agent-secrets.yaml
 """
     body = [header, "---\n", namespace]
@@ -796,6 +1092,45 @@ def manifest_files() -> dict[str, str]:
         "agent-secrets.yaml": "".join(body),
         "crds.yaml": crd_header + CRD.read_text(),
     }
+
+
+def is_hook(obj: dict[str, Any]) -> bool:
+    return "helm.sh/hook" in ((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def key_material(text: str) -> list[str]:
+    return [what for pattern, what in KEY_MATERIAL if pattern.search(text)]
+
+
+# The one object allowed to differ between two renders: the Secrets page's CSRF key, made by
+# Helm at install (and kept by `lookup`). It signs form tokens only; a new one merely expires
+# open forms, unlike a key-encryption key or a CA.
+def is_ui_csrf_secret(obj: dict[str, Any]) -> bool:
+    return obj.get("kind") == "Secret" and obj["metadata"]["name"] == f"{RELEASE}-ui-csrf"
+
+
+def check_renders_are_stable(findings: Findings) -> None:
+    """Every scenario rendered twice, as `helm template`, Argo CD or helm-diff would: the same
+    objects both times (so a re-render can never replace a key), and no key material."""
+    with load_chart() as chart:
+        for scenario in SCENARIOS:
+            first, second = (
+                [(p, t) for p, t, o in documents(render(chart, scenario.values)) if not is_ui_csrf_secret(o)]
+                for _ in range(2)
+            )
+            if first != second:
+                changed = sorted({p for (p, t), (_, u) in zip(first, second) if t != u})
+                findings.fail(f"[{scenario.name}] a second render differs: {changed or 'object count'}")
+            else:
+                findings.ok(f"[{scenario.name}] two renders are identical")
+            for path, text in first:
+                found = key_material(text)
+                if found:
+                    findings.fail(f"[{scenario.name}] {path} renders {', '.join(found)}")
+            secrets = [o["metadata"]["name"] for _, _, o in documents(render(chart, scenario.values))
+                       if o.get("kind") == "Secret" and not is_ui_csrf_secret(o)]
+            if secrets:
+                findings.fail(f"[{scenario.name}] the chart renders Secrets {secrets}")
 
 
 def cmd_render(_: argparse.Namespace) -> int:
@@ -848,8 +1183,9 @@ def cmd_check(_: argparse.Namespace) -> int:
             findings.fail(f"{target.relative_to(REPO)} is out of date: run `python3 hack/helm.py render`")
     print("\n[manifests/ carries no key material and every object is well-formed]")
     for name, text in manifest_files().items():
-        if "PRIVATE KEY" in text or "keyring.yaml:" in text:
-            findings.fail(f"manifests/{name} embeds a private key or a keyring")
+        found = key_material(text)
+        if found:
+            findings.fail(f"manifests/{name} embeds {', '.join(found)}")
         objects = [o for o in yaml.safe_load_all(text) if o is not None]
         broken = [o for o in objects if not (isinstance(o, dict) and o.get("apiVersion")
                                               and o.get("kind") and (o.get("metadata") or {}).get("name"))]
@@ -857,6 +1193,8 @@ def cmd_check(_: argparse.Namespace) -> int:
             findings.fail(f"manifests/{name}: {len(broken)} object(s) without apiVersion, kind or metadata.name")
         else:
             findings.ok(f"manifests/{name}: {len(objects)} objects, no key material")
+    print("\n[helm template twice: no diff, no key material, no Secret]")
+    check_renders_are_stable(findings)
     return summary(findings, "check")
 
 

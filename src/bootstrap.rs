@@ -20,6 +20,7 @@ use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
@@ -404,12 +405,12 @@ pub async fn ensure_keyring(
 
 /// Make sure the TLS Secret holds a CA and a serving certificate for `dns_names` that stay
 /// valid for long enough, and that the webhook configuration `webhook_configuration` trusts the
-/// CA. Returns the PKI in force.
+/// CA (when one is named). Returns the CA bundle in force.
 pub async fn ensure_tls(
     client: &kube::Client,
     namespace: &str,
     secret_name: &str,
-    webhook_configuration: &str,
+    webhook_configuration: Option<&str>,
     dns_names: &[String],
     now: Timestamp,
 ) -> Result<String, BootstrapError> {
@@ -428,7 +429,9 @@ pub async fn ensure_tls(
             let mut secret = tls_secret(namespace, secret_name, &pki);
             // The CA bundle goes to the API server first: a serving certificate it does not
             // trust yet must never be in use.
-            patch_ca_bundle(client, webhook_configuration, &pki.ca_bundle_pem).await?;
+            if let Some(configuration) = webhook_configuration {
+                patch_ca_bundle(client, configuration, &pki.ca_bundle_pem).await?;
+            }
             let written = match &stored {
                 None => api.create(&post_params(), &secret).await,
                 Some(old) => {
@@ -452,7 +455,9 @@ pub async fn ensure_tls(
             pki.ca_bundle_pem
         }
     };
-    patch_ca_bundle(client, webhook_configuration, &ca_bundle).await?;
+    if let Some(configuration) = webhook_configuration {
+        patch_ca_bundle(client, configuration, &ca_bundle).await?;
+    }
     Ok(ca_bundle)
 }
 
@@ -478,6 +483,103 @@ async fn patch_ca_bundle(
         );
     }
     Ok(())
+}
+
+/// What this replica keeps for itself, from the `run` flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub namespace: String,
+    /// The keyring Secret to create when absent, and the id of its first key.
+    pub keyring: Option<(String, String)>,
+    /// The TLS Secret, the Service's DNS names, and the webhook configuration to patch.
+    pub tls: Option<(String, Vec<String>, Option<String>)>,
+}
+
+impl Plan {
+    pub fn from_args(args: &crate::run::BootstrapArgs, namespace: &str) -> Self {
+        let crate::run::BootstrapArgs {
+            keyring_secret,
+            initial_key_id,
+            tls_secret,
+            webhook_service,
+            webhook_configuration,
+        } = args;
+        Self {
+            namespace: namespace.to_owned(),
+            keyring: keyring_secret.clone().map(|name| {
+                let id = initial_key_id
+                    .clone()
+                    .unwrap_or_else(crate::cli::default_key_id);
+                (name, id)
+            }),
+            tls: tls_secret.clone().map(|name| {
+                let service = webhook_service.as_deref().unwrap_or("agent-secrets");
+                (
+                    name,
+                    service_dns_names(service, namespace),
+                    webhook_configuration.clone(),
+                )
+            }),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keyring.is_none() && self.tls.is_none()
+    }
+}
+
+/// How often the certificate and the caBundle are looked at once all is in place: renewal
+/// needs nothing faster, and a caBundle wiped by a `kubectl replace` of the configuration is
+/// restored within this time.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(300);
+/// How soon to try again after a failure (the API server unreachable, RBAC missing).
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keep `plan` in place until `stop` resolves: the keyring Secret created once, the serving
+/// certificate renewed and the caBundle set, retrying failures.
+pub async fn maintain(
+    client: kube::Client,
+    plan: Plan,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut keyring_done = plan.keyring.is_none();
+    loop {
+        let mut failed = false;
+        if let (false, Some((name, key_id))) = (keyring_done, &plan.keyring) {
+            match ensure_keyring(&client, &plan.namespace, name, key_id).await {
+                Ok(_) => keyring_done = true,
+                Err(error) => {
+                    failed = true;
+                    tracing::warn!(%error, secret = %name, "failed to ensure the keyring Secret; retrying");
+                }
+            }
+        }
+        if let Some((name, dns_names, configuration)) = &plan.tls {
+            let result = ensure_tls(
+                &client,
+                &plan.namespace,
+                name,
+                configuration.as_deref(),
+                dns_names,
+                Timestamp::now(),
+            )
+            .await;
+            if let Err(error) = result {
+                failed = true;
+                tracing::warn!(%error, secret = %name, "failed to ensure the webhook certificate; retrying");
+            }
+        }
+        let wait = if failed {
+            RETRY_INTERVAL
+        } else {
+            RECHECK_INTERVAL
+        };
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -636,6 +738,36 @@ mod tests {
             ..MutatingWebhookConfiguration::default()
         };
         assert!(ca_bundle_patch(&done, "PEM").is_none());
+    }
+
+    #[test]
+    fn the_plan_follows_the_flags() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            bootstrap: crate::run::BootstrapArgs,
+        }
+        let flags = Flags::parse_from([
+            "x",
+            "--keyring-secret=ks",
+            "--initial-key-id=kek-1",
+            "--tls-secret=tls",
+            "--webhook-service=svc",
+            "--webhook-configuration=mwc",
+        ]);
+        let plan = Plan::from_args(&flags.bootstrap, "ops");
+        assert_eq!(plan.keyring, Some(("ks".into(), "kek-1".into())));
+        let (secret, names, configuration) = plan.tls.unwrap();
+        assert_eq!(
+            (secret.as_str(), configuration.as_deref()),
+            ("tls", Some("mwc"))
+        );
+        assert_eq!(names[2], "svc.ops.svc");
+        let none = Flags::parse_from(["x"]);
+        assert!(Plan::from_args(&none.bootstrap, "ops").is_empty());
+        // A certificate needs the Service it is for.
+        assert!(Flags::try_parse_from(["x", "--tls-secret=tls"]).is_err());
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub enum Command {
     /// `kubectl agentsecrets`, link the binary as `kubectl_complete-agentsecrets` on the PATH
     /// (kubectl 1.26+ asks it; see docs/cli.md).
     Completion(CompletionArgs),
+    /// Run the secretless egress proxy beside a sandbox: it swaps placeholders for values in
+    /// requests to each secret's allowed hosts and refuses them elsewhere.
+    Proxy(Box<crate::secretless::ProxyArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -222,9 +225,9 @@ pub fn default_key_id() -> String {
 }
 
 /// Run the parsed command.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => crate::run::run(*args).await,
+        Command::Run(args) => crate::run::run_operator(*args).await,
         Command::Crd => {
             print!(
                 "{}",
@@ -255,6 +258,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completion(CompletionArgs { shell }) => std::io::stdout()
             .write_all(&crate::tools::completion::script(shell, "agentsecrets"))
             .context("failed to write the completion script"),
+        Command::Proxy(args) => crate::secretless::run(*args).await,
         Command::Keys(KeysCommand::Generate(args)) => {
             let out = generate_keyring(&args)?;
             std::io::stdout()

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod controller;
 pub mod crypto;
 pub mod run;
+pub mod secretless;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

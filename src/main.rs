@@ -10,5 +10,5 @@ async fn main() -> std::process::ExitCode {
     }
     let cli = agent_secrets::cli::Cli::parse();
     // Exit codes are mapped in one place: tools::error.
-    agent_secrets::tools::error::report(agent_secrets::cli::run(cli).await)
+    agent_secrets::tools::error::report(agent_secrets::cli::dispatch(cli).await)
 }

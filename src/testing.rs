@@ -4,10 +4,19 @@
 //! enable it through the package's dev-dependency on itself); never in the product.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use http::{Method, Request, Response};
+use http_body_util::BodyExt as _;
 use kube::api::ObjectMeta;
+use kube::client::Body;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::api::{AgentSecret, AgentSecretSpec, SealedValue};
-use crate::crypto::{Keyring, SealContext};
+use crate::cache::SecretIndex;
+use crate::controller::{Context, Settings};
+use crate::crypto::{Keyring, KeyringHandle, SealContext};
+use crate::telemetry::Metrics;
 
 /// A fixed seal time (2027-01-15T08:00:00Z), so sealed values and statuses are reproducible.
 pub const SEALED_AT: i64 = 1_800_000_000;
@@ -58,5 +67,123 @@ pub fn agent_secret(
             sealed: Some(sealed(keyring, namespace, owner, env_name, value)),
         },
         status: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Controller context over a mocked API server (tower-test), and its verifier
+
+/// The test's side of a mocked API server: each request the client makes arrives here.
+pub type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// A Kubernetes client whose every request goes to the returned handle.
+pub fn mock_client() -> (kube::Client, ApiServerHandle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (kube::Client::new(service, "default"), handle)
+}
+
+/// A controller context over a mocked API server with `keyring` loaded: events recorded as
+/// instance `test`, re-wraps limited to 1000 per second (no test waits for a slot unless it
+/// asks for a lower rate with [`context_with`]).
+pub fn context(keyring: Keyring) -> (Arc<Context>, ApiServerHandle) {
+    context_with(
+        keyring,
+        Settings {
+            rewrap_per_second: 1000,
+            ..test_settings()
+        },
+    )
+}
+
+/// The settings of [`context`], to adjust.
+pub fn test_settings() -> Settings {
+    Settings {
+        reporter_instance: Some("test".into()),
+        ..Settings::default()
+    }
+}
+
+/// A controller context over a mocked API server with `keyring` loaded and `settings`.
+pub fn context_with(keyring: Keyring, settings: Settings) -> (Arc<Context>, ApiServerHandle) {
+    let (client, handle) = mock_client();
+    let ctx = Context::new(
+        client,
+        KeyringHandle::new(keyring),
+        Arc::new(SecretIndex::default()),
+        Arc::new(Metrics::default()),
+        settings,
+    );
+    (Arc::new(ctx), handle)
+}
+
+/// One expected request: method, path (with query), and a check of its JSON body; the
+/// answer is `reply` with HTTP `status`.
+pub struct Expect {
+    pub method: Method,
+    pub path_and_query: String,
+    pub check: Box<dyn FnOnce(&Value) + Send>,
+    pub reply: Value,
+    pub status: u16,
+}
+
+impl Expect {
+    /// The same expectation answered with HTTP `status` (an error status, typically).
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+}
+
+/// Expect `method path_and_query`, check its body with `check`, answer `reply` (200).
+pub fn expect(
+    method: Method,
+    path_and_query: &str,
+    reply: Value,
+    check: impl FnOnce(&Value) + Send + 'static,
+) -> Expect {
+    Expect {
+        method,
+        path_and_query: path_and_query.into(),
+        check: Box::new(check),
+        reply,
+        status: 200,
+    }
+}
+
+/// Serve `expected` in order, each within 1 s, then assert no further request arrives within
+/// 200 ms.
+pub async fn verify(mut handle: ApiServerHandle, expected: Vec<Expect>) {
+    for expect in expected {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {} {}",
+                    expect.method, expect.path_and_query
+                )
+            })
+            .expect("service not called");
+        assert_eq!(request.method(), expect.method);
+        assert_eq!(
+            request.uri().path_and_query().unwrap().as_str(),
+            expect.path_and_query
+        );
+        let bytes = request.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (expect.check)(&body);
+        send.send_response(
+            Response::builder()
+                .status(expect.status)
+                .body(Body::from(serde_json::to_vec(&expect.reply).unwrap()))
+                .unwrap(),
+        );
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+    if let Ok(Some((request, _))) = extra {
+        panic!("unexpected request {} {}", request.method(), request.uri());
     }
 }

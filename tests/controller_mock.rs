@@ -3,98 +3,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use agent_secrets::api::{AgentSecret, SecretString};
-use agent_secrets::cache::SecretIndex;
-use agent_secrets::controller::{Context, agentsecret, podsecret};
-use agent_secrets::crypto::{Keyring, KeyringHandle, SealContext};
-use agent_secrets::telemetry::Metrics;
-use http::{Method, Request, Response};
-use http_body_util::BodyExt as _;
+use agent_secrets::controller::{Context, Settings, agentsecret, podsecret};
+use agent_secrets::crypto::{Keyring, SealContext};
+use agent_secrets::testing::{
+    ApiServerHandle, Expect, context, context_with, expect, test_settings, verify,
+};
+use http::Method;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::client::Body;
 use kube::runtime::controller::Action;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-fn context(keyring: Keyring) -> (Arc<Context>, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
-    let ctx = Context::new(
-        client,
-        KeyringHandle::new(keyring),
-        Arc::new(SecretIndex::default()),
-        Arc::new(Metrics::default()),
-        1000,
-        Duration::from_secs(300),
-        Some("test".into()),
-    );
-    (Arc::new(ctx), handle)
-}
-
-/// One expected request: method, path (with query), and a check of its JSON body; the
-/// answer is the given JSON.
-struct Expect {
-    method: Method,
-    path_and_query: String,
-    check: Box<dyn FnOnce(&Value) + Send>,
-    reply: Value,
-    status: u16,
-}
-
-/// Serve `expected` in order, each within 1 s, then assert no further request arrives.
-async fn verify(mut handle: Handle, expected: Vec<Expect>) {
-    for expect in expected {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "timed out waiting for {} {}",
-                    expect.method, expect.path_and_query
-                )
-            })
-            .expect("service not called");
-        assert_eq!(request.method(), expect.method);
-        assert_eq!(
-            request.uri().path_and_query().unwrap().as_str(),
-            expect.path_and_query
-        );
-        let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (expect.check)(&body);
-        send.send_response(
-            Response::builder()
-                .status(expect.status)
-                .body(Body::from(serde_json::to_vec(&expect.reply).unwrap()))
-                .unwrap(),
-        );
-    }
-    let extra = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
-    if let Ok(Some((request, _))) = extra {
-        panic!("unexpected request {} {}", request.method(), request.uri());
-    }
-}
-
-fn expect(
-    method: Method,
-    path_and_query: &str,
-    reply: Value,
-    check: impl FnOnce(&Value) + Send + 'static,
-) -> Expect {
-    Expect {
-        method,
-        path_and_query: path_and_query.into(),
-        check: Box::new(check),
-        reply,
-        status: 200,
-    }
-}
 
 fn event_expectation(reason: &'static str, event_type: &'static str) -> Expect {
     expect(
@@ -130,7 +50,7 @@ fn agent_secret(keyring: &Keyring) -> AgentSecret {
 async fn run_reconcile(
     object: AgentSecret,
     ctx: Arc<Context>,
-    handle: Handle,
+    handle: ApiServerHandle,
     expected: Vec<Expect>,
 ) -> Action {
     let verifier = tokio::spawn(verify(handle, expected));
@@ -202,6 +122,51 @@ async fn a_rotation_rewraps_under_the_primary_key() {
     run_reconcile(object, ctx, handle, expected).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_rewrap_without_a_free_rate_limit_slot_is_requeued_without_writing() {
+    let mut keyring = Keyring::generate("k1").unwrap();
+    let first = agent_secret(&keyring);
+    let mut second = agent_secret(&keyring);
+    second.metadata.name = Some("token-2".into());
+    keyring.add_primary("k2").unwrap();
+    let (ctx, handle) = context_with(
+        keyring,
+        Settings {
+            rewrap_per_second: 2,
+            ..test_settings()
+        },
+    );
+    // The first re-wrap takes the only slot of this half second.
+    let reply = serde_json::to_value(&first).unwrap();
+    let expected = vec![
+        expect(Method::PATCH, OBJECT_PATH, reply.clone(), |_| {}),
+        expect(Method::PATCH, STATUS_PATH, reply, |_| {}),
+        event_expectation("Rewrapped", "Normal"),
+    ];
+    let verifier = tokio::spawn(verify(handle, expected));
+    let started = tokio::time::Instant::now();
+    agentsecret::reconcile(Arc::new(first), ctx.clone())
+        .await
+        .unwrap();
+    // The second finds no slot: nothing is written, and it comes back when its slot does.
+    let action = agentsecret::reconcile(Arc::new(second.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_millis(500)));
+    // The verifier also asserts that nothing more was requested.
+    verifier.await.unwrap();
+    // Asking again early gets the rest of the wait for the same slot, still without writing
+    // (the API server mock is gone: a request would fail the reconcile).
+    let slot = started + Duration::from_millis(500);
+    let now = tokio::time::Instant::now();
+    assert!(
+        now < slot,
+        "the verifier's wait for extra requests ends before the slot"
+    );
+    let action = agentsecret::reconcile(Arc::new(second), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(slot - now));
+}
+
 #[tokio::test]
 async fn a_healthy_secret_gets_its_status_by_server_side_apply() {
     let keyring = Keyring::generate("k1").unwrap();
@@ -246,13 +211,13 @@ async fn a_transient_api_error_fails_the_reconcile_for_a_retry() {
     let keyring = Keyring::generate("k1").unwrap();
     let object = agent_secret(&keyring);
     let (ctx, handle) = context(keyring);
-    let mut failing = expect(
+    let failing = expect(
         Method::PATCH,
         STATUS_PATH,
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd timeout", "reason": "Timeout", "code": 504}),
         |_| {},
-    );
-    failing.status = 504;
+    )
+    .with_status(504);
     let verifier = tokio::spawn(verify(handle, vec![failing]));
     let result = agentsecret::reconcile(Arc::new(object), ctx).await;
     verifier.await.unwrap();
@@ -344,4 +309,70 @@ async fn a_young_orphan_is_looked_at_again_when_its_grace_ends() {
         format!("{action:?}").contains("requeue_after: Some("),
         "{action:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Sandbox namespaces
+
+#[tokio::test(start_paused = true)]
+async fn with_sandbox_namespaces_secrets_and_pods_are_watched_only_there() {
+    use agent_secrets::cache::WatchScope;
+    let (ctx, mut handle) = context_with(
+        Keyring::generate("k1").unwrap(),
+        Settings {
+            sandbox_scopes: vec![
+                WatchScope::Namespace("team-a".into()),
+                WatchScope::Namespace("team-b".into()),
+            ],
+            ..test_settings()
+        },
+    );
+    let running = tokio::spawn(agent_secrets::controller::run_controllers(
+        ctx,
+        std::future::pending(),
+    ));
+    // Answer every list with an empty one and keep every watch open, noting each path.
+    let mut paths = Vec::new();
+    let mut open_watches = Vec::new();
+    let wanted = [
+        "/apis/agentsecrets.io/v1alpha1/agentsecrets",
+        "/api/v1/namespaces/team-a/secrets",
+        "/api/v1/namespaces/team-b/secrets",
+        "/api/v1/namespaces/team-a/pods",
+        "/api/v1/namespaces/team-b/pods",
+    ];
+    while !wanted.iter().all(|w| paths.iter().any(|p: &String| p == w)) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("not every watch started; requests: {paths:?}"))
+            .unwrap();
+        paths.push(request.uri().path().to_owned());
+        if request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .contains("watch=true")
+        {
+            open_watches.push(send);
+        } else {
+            let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []});
+            send.send_response(
+                http::Response::builder()
+                    .body(kube::client::Body::from(serde_json::to_vec(&list).unwrap()))
+                    .unwrap(),
+            );
+        }
+    }
+    let cluster_wide: Vec<&String> = paths
+        .iter()
+        .filter(|p| p.as_str() == "/api/v1/secrets" || p.as_str() == "/api/v1/pods")
+        .collect();
+    assert!(
+        cluster_wide.is_empty(),
+        "Secrets or pods watched cluster-wide: {paths:?}"
+    );
+    // Graceful shutdown is not what this checks: stop at once.
+    running.abort();
+    let _ = running.await;
+    drop(open_watches);
 }

@@ -1,8 +1,18 @@
 //! The packaged artefacts agree with the binary: the chart's CRD copy is the generated CRD,
-//! the manifests' container args are flags the binary accepts, and no static file carries key
-//! material. (The chart itself is linted and rendered with real Helm by `hack/helm.py`.)
+//! the manifests' container args are flags the binary accepts, the operator is told to own the
+//! very Secrets and webhook configuration the manifests mount and ship (with the rights for it),
+//! the `helm test` review is one the webhook admits, and no static file carries key material.
+//! (The chart itself is linted and rendered with real Helm by `hack/helm.py`.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common {
+    pub mod client;
+    pub mod fixtures;
+    pub mod serve;
+    pub mod server;
+}
+
+use agent_secrets::bootstrap::{KEYRING_KEY, TLS_CRT, TLS_KEY};
 use clap::Parser as _;
 use serde::Deserialize as _;
 use serde_yaml::Value;
@@ -111,5 +121,168 @@ fn static_files_carry_no_key_material() {
         let text = read(path);
         assert!(!text.contains("PRIVATE KEY"), "{path} embeds a private key");
         assert!(!text.contains("keyring.yaml:"), "{path} embeds a keyring");
+        for doc in documents(&text) {
+            assert_ne!(doc["kind"], "Secret", "{path} ships a Secret");
+            let api = doc["apiVersion"].as_str().unwrap();
+            assert!(
+                !api.starts_with("cert-manager.io/"),
+                "{path} needs cert-manager: {api}"
+            );
+        }
     }
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    let prefix = format!("--{name}=");
+    args.iter()
+        .find_map(|a| a.strip_prefix(&prefix).map(str::to_owned))
+}
+
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
+}
+
+/// The Deployment's args name the keyring Secret, the TLS Secret, the Service and the webhook
+/// configuration the operator must own, and those are exactly the objects the manifests mount
+/// and ship; the mounts take the keys the operator writes; the webhook configuration leaves
+/// its caBundle to the operator; RBAC grants the bootstrap calls and nothing wider.
+#[test]
+fn the_operator_owns_the_keyring_and_certificate_the_manifests_mount() {
+    let docs = documents(&read("manifests/agent-secrets.yaml"));
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args: Vec<String> = pod["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let keyring_secret = flag(&args, "keyring-secret").expect("--keyring-secret");
+    let tls_secret = flag(&args, "tls-secret").expect("--tls-secret");
+    let service = flag(&args, "webhook-service").expect("--webhook-service");
+    let configuration = flag(&args, "webhook-configuration").expect("--webhook-configuration");
+    assert!(flag(&args, "initial-key-id").is_some_and(|id| !id.is_empty()));
+
+    let volume = |secret: &str| {
+        pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"]["secretName"] == secret)
+            .unwrap_or_else(|| panic!("Secret {secret} is not mounted"))
+            .clone()
+    };
+    let keys = |v: &Value| -> Vec<String> {
+        v["secret"]["items"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let keyring_volume = volume(&keyring_secret);
+    let tls_volume = volume(&tls_secret);
+    // Both are written after the pod starts: a required volume would keep it from starting.
+    assert_eq!(keyring_volume["secret"]["optional"], true);
+    assert_eq!(tls_volume["secret"]["optional"], true);
+    assert_eq!(keys(&keyring_volume), [KEYRING_KEY]);
+    assert_eq!(keys(&tls_volume), [TLS_CRT, TLS_KEY]);
+    assert_eq!(
+        flag(&args, "keyring"),
+        Some(format!("/etc/agentsecrets/keyring/{KEYRING_KEY}"))
+    );
+
+    named(&docs, "Service", &service);
+    let webhooks = named(&docs, "MutatingWebhookConfiguration", &configuration);
+    for webhook in webhooks["webhooks"].as_sequence().unwrap() {
+        assert!(
+            webhook["clientConfig"].get("caBundle").is_none(),
+            "a rendered caBundle would be applied over the operator's"
+        );
+        assert_eq!(webhook["clientConfig"]["service"]["name"], service.as_str());
+    }
+
+    let bootstrap = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "agent-secrets-bootstrap")
+        .expect("the bootstrap Role");
+    let rules: Vec<(Vec<String>, Vec<String>)> = bootstrap["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["resources"], Value::from(vec!["secrets"]));
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_sequence()
+                    .map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect())
+                    .unwrap_or_default()
+            };
+            (strings(&r["verbs"]), strings(&r["resourceNames"]))
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            (vec!["create".to_owned()], vec![]),
+            (
+                vec!["get".to_owned()],
+                vec![keyring_secret.clone(), tls_secret.clone()]
+            ),
+            (vec!["update".to_owned()], vec![tls_secret.clone()]),
+        ]
+    );
+    let cluster_role = named(&docs, "ClusterRole", "agent-secrets");
+    let webhook_rules: Vec<&Value> = cluster_role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|r| r["resources"] == Value::from(vec!["mutatingwebhookconfigurations"]))
+        .collect();
+    assert_eq!(webhook_rules.len(), 1);
+    assert_eq!(
+        webhook_rules[0]["resourceNames"],
+        Value::from(vec![configuration])
+    );
+    assert_eq!(webhook_rules[0]["verbs"], Value::from(vec!["get", "patch"]));
+}
+
+/// `helm test` posts charts/agent-secrets/files/helm-test-review.json to /mutate/pods over TLS
+/// and passes when the answer allows it under the same uid: the real webhook server does.
+#[tokio::test]
+async fn the_helm_test_review_is_admitted_by_the_webhook_over_tls() {
+    let body = read("charts/agent-secrets/files/helm-test-review.json");
+    let review: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let uid = review["request"]["uid"].as_str().unwrap();
+    let server = common::serve::serve(common::fixtures::fixture_policy()).await;
+    // Shaped as the API server sends a dry-run pod review.
+    let (path, recorded) = common::fixtures::fixture("pod_create_server_dry_run.json");
+    assert_eq!(path, "/mutate/pods");
+    assert_eq!(review["apiVersion"], recorded["apiVersion"]);
+    assert_eq!(review["request"]["kind"], recorded["request"]["kind"]);
+    assert_eq!(review["request"]["dryRun"], recorded["request"]["dryRun"]);
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["uid"], uid);
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(
+        answer["response"].get("patch").is_none(),
+        "nothing is injected: {answer}"
+    );
+    assert!(server.created().is_empty(), "a dry run creates nothing");
+    let metrics = server.state.metrics.encode();
+    assert!(
+        metrics.contains(
+            r#"agentsecrets_admission_requests_total{kind="pod",operation="CREATE",decision="allowed"} 1"#
+        ),
+        "{metrics}"
+    );
+    // The test pod matches the answer as text: it must be compact JSON with these fields.
+    let text = serde_json::to_string(&answer).unwrap();
+    assert!(text.contains(&format!("\"uid\":\"{uid}\"")) && text.contains("\"allowed\":true"));
+    let template = read("charts/agent-secrets/templates/tests/webhook-test.yaml");
+    assert!(
+        template.contains(&format!("'\"uid\":\"{uid}\"'")),
+        "the test pod expects this uid"
+    );
 }

@@ -262,13 +262,28 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
     let plan = plan(&object, keyring.as_deref(), duplicate_of, Timestamp::now());
     let api: kube::Api<AgentSecret> = kube::Api::namespaced(ctx.client.clone(), &namespace);
 
+    // A rotation re-wraps every secret: the rate limit spaces those writes, and a reconcile
+    // waiting for its turn is requeued rather than sleeping in a reconcile slot. Nothing is
+    // written meanwhile, so the object is seen afresh when its slot comes.
+    if let Some(SpecChange::Rewrap { .. }) = &plan.spec_change
+        && let Err(wait) = ctx
+            .rewrap_limiter
+            .try_acquire(&super::object_key(object.as_ref()))
+    {
+        tracing::debug!(
+            namespace,
+            name,
+            ?wait,
+            "re-wrap waits for the rotation rate limit"
+        );
+        return Ok(Action::requeue(wait));
+    }
+
     if let Some(change) = &plan.spec_change {
         let sealed = match change {
-            SpecChange::SealPlaintext(sealed) | SpecChange::Reseal(sealed) => sealed,
-            SpecChange::Rewrap { sealed, .. } => {
-                ctx.rewrap_limiter.acquire().await;
-                sealed
-            }
+            SpecChange::SealPlaintext(sealed)
+            | SpecChange::Reseal(sealed)
+            | SpecChange::Rewrap { sealed, .. } => sealed,
         };
         // The resourceVersion makes the write conditional: a user's concurrent edit wins and
         // this reconcile is retried on the new object.
@@ -293,8 +308,8 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
 
     if object.status.as_ref() != Some(&plan.status) {
         let patch = json!({
-            "apiVersion": "agentsecrets.io/v1alpha1",
-            "kind": "AgentSecret",
+            "apiVersion": AgentSecret::api_version(&()),
+            "kind": AgentSecret::kind(&()),
             "status": plan.status,
         });
         api.patch_status(
@@ -367,7 +382,7 @@ mod tests {
                 ready.status.as_str(),
                 ready.reason.as_str()
             ),
-            ("Ready", "True", "Sealed")
+            (READY, "True", "Sealed")
         );
         assert_eq!(ready.observed_generation, Some(4));
     }

@@ -7,21 +7,24 @@ pub mod lease;
 pub mod podsecret;
 
 use futures::StreamExt as _;
+use futures::future::{BoxFuture, Shared};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::api::{AgentSecret, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, POD_SCOPED_LABEL};
-use crate::cache::SecretIndex;
+use crate::api::{AgentSecret, OWNER_LABEL};
+use crate::cache::{SecretIndex, WatchScope, pod_scoped_selector};
 use crate::crypto::KeyringHandle;
 use crate::telemetry::{Metrics, ResultLabels};
+use lease::{Elector, LeaseError};
 
 /// Why a reconcile failed. API errors are transient and retried with backoff; decisions
 /// about damaged data are not errors (they are reported in status).
@@ -31,30 +34,94 @@ pub enum Error {
     Kube(#[source] kube::Error),
 }
 
-/// Spaces writes evenly: at most `per_second` acquisitions per second, shared by all tasks.
+/// Spaces writes evenly: at most `per_second` grants per second, shared by every reconcile.
+/// A caller that finds no slot free is given the next one and told how long to wait for it, so
+/// it can requeue instead of sleeping in a reconcile slot; waiting callers come back spread
+/// out rather than all at once.
 #[derive(Debug)]
 pub struct RateLimiter {
     interval: Duration,
-    next: tokio::sync::Mutex<Instant>,
+    state: Mutex<LimiterState>,
 }
+
+#[derive(Debug)]
+struct LimiterState {
+    /// The earliest time not yet granted or promised.
+    next_free: Instant,
+    /// Slots promised to callers that were told to come back, by key.
+    promised: HashMap<String, Instant>,
+    /// When to forget promises whose callers never came back (e.g. their object was deleted).
+    next_cleanup: Instant,
+}
+
+/// A promise older than this is forgotten: its caller stopped asking.
+const PROMISE_EXPIRY: Duration = Duration::from_secs(60);
 
 impl RateLimiter {
     pub fn per_second(per_second: u32) -> Self {
+        let now = Instant::now();
         Self {
             interval: Duration::from_secs(1) / per_second.max(1),
-            next: tokio::sync::Mutex::new(Instant::now()),
+            state: Mutex::new(LimiterState {
+                next_free: now,
+                promised: HashMap::new(),
+                next_cleanup: now + PROMISE_EXPIRY,
+            }),
         }
     }
 
-    /// Wait for the next slot.
-    pub async fn acquire(&self) {
-        let slot = {
-            let mut next = self.next.lock().await;
-            let slot = (*next).max(Instant::now());
-            *next = slot + self.interval;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
+    /// Take a slot now for `key`, or learn how long to wait for the slot promised to it.
+    pub fn try_acquire(&self, key: &str) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if now >= state.next_cleanup {
+            state
+                .promised
+                .retain(|_, slot| *slot + PROMISE_EXPIRY > now);
+            state.next_cleanup = now + PROMISE_EXPIRY;
+        }
+        if let Some(&slot) = state.promised.get(key) {
+            if slot <= now {
+                state.promised.remove(key);
+                return Ok(());
+            }
+            return Err(slot - now);
+        }
+        if state.next_free <= now {
+            state.next_free = now + self.interval;
+            return Ok(());
+        }
+        let slot = state.next_free;
+        state.next_free = slot + self.interval;
+        state.promised.insert(key.to_owned(), slot);
+        Err(slot - now)
+    }
+}
+
+/// How the controllers run; [`Settings::default`] matches the flags' defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most re-wraps written per second during a key rotation.
+    pub rewrap_per_second: u32,
+    /// How long a pod-scoped Secret waits for its pod before it is deleted.
+    pub pod_secret_grace: Duration,
+    /// Most reconciles running at once, per controller.
+    pub max_concurrent_reconciles: u16,
+    /// Where pod-scoped Secrets and sandbox pods are watched.
+    pub sandbox_scopes: Vec<WatchScope>,
+    /// This replica's name in the events it records.
+    pub reporter_instance: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            rewrap_per_second: 20,
+            pod_secret_grace: Duration::from_secs(300),
+            max_concurrent_reconciles: 4,
+            sandbox_scopes: vec![WatchScope::Cluster],
+            reporter_instance: None,
+        }
     }
 }
 
@@ -67,6 +134,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub rewrap_limiter: RateLimiter,
     pub pod_secret_grace: Duration,
+    pub max_concurrent_reconciles: u16,
+    pub sandbox_scopes: Vec<WatchScope>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -76,10 +145,15 @@ impl Context {
         keyring: KeyringHandle,
         index: Arc<SecretIndex>,
         metrics: Arc<Metrics>,
-        rewrap_per_second: u32,
-        pod_secret_grace: Duration,
-        reporter_instance: Option<String>,
+        settings: Settings,
     ) -> Self {
+        let Settings {
+            rewrap_per_second,
+            pod_secret_grace,
+            max_concurrent_reconciles,
+            sandbox_scopes,
+            reporter_instance,
+        } = settings;
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -95,6 +169,8 @@ impl Context {
             metrics,
             rewrap_limiter: RateLimiter::per_second(rewrap_per_second),
             pod_secret_grace,
+            max_concurrent_reconciles,
+            sandbox_scopes,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -120,11 +196,17 @@ impl Context {
             .get_or_create(&ResultLabels { result })
             .inc();
     }
+
+    fn controller_config(&self) -> controller::Config {
+        controller::Config::default().concurrency(self.max_concurrent_reconciles)
+    }
 }
 
-fn object_key<K: kube::Resource>(kind: &str, object: &K) -> String {
+/// `Kind/namespace/name`, for logs and the per-object backoff.
+pub(crate) fn object_key<K: kube::Resource<DynamicType = ()>>(object: &K) -> String {
     format!(
-        "{kind}/{}/{}",
+        "{}/{}/{}",
+        K::kind(&()),
         object.meta().namespace.as_deref().unwrap_or_default(),
         object.meta().name.as_deref().unwrap_or_default()
     )
@@ -137,21 +219,36 @@ fn keyring_changes(keyring: &KeyringHandle) -> impl futures::Stream<Item = ()> +
     })
 }
 
-/// Run both controllers until `shutdown` resolves.
-pub async fn run(
+/// What the controllers stop gracefully on.
+type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+/// Run the AgentSecret controller and one pod-scoped Secret controller per sandbox scope until
+/// `shutdown` resolves; reconciles in flight then finish.
+pub async fn run_controllers(
     ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let agentsecrets = Controller::new(
+    let shutdown: Shutdown = futures::FutureExt::shared(futures::FutureExt::boxed(shutdown));
+    let agentsecrets = agentsecret_controller(ctx.clone(), shutdown.clone());
+    let pod_secrets = futures::future::join_all(
+        ctx.sandbox_scopes
+            .iter()
+            .map(|scope| pod_secret_controller(ctx.clone(), scope, shutdown.clone())),
+    );
+    tokio::join!(agentsecrets, pod_secrets);
+}
+
+async fn agentsecret_controller(ctx: Arc<Context>, shutdown: Shutdown) {
+    Controller::new(
         kube::Api::<AgentSecret>::all(ctx.client.clone()),
         watcher::Config::default(),
     )
+    .with_config(ctx.controller_config())
     .reconcile_all_on(keyring_changes(&ctx.keyring))
-    .graceful_shutdown_on(shutdown.clone())
+    .graceful_shutdown_on(shutdown)
     .run(
         |object, ctx: Arc<Context>| async move {
-            let key = object_key("AgentSecret", object.as_ref());
+            let key = object_key(object.as_ref());
             let result = agentsecret::reconcile(object, ctx.clone()).await;
             if result.is_ok() {
                 ctx.succeeded(&key);
@@ -161,68 +258,141 @@ pub async fn run(
         },
         |object: Arc<AgentSecret>, error: &Error, ctx: Arc<Context>| {
             ctx.record("error");
-            let key = object_key("AgentSecret", object.as_ref());
+            let key = object_key(object.as_ref());
             tracing::warn!(object = key, %error, "AgentSecret reconcile failed; retrying");
             Action::requeue(ctx.backoff(key))
         },
         ctx.clone(),
     )
-    .for_each(|_| futures::future::ready(()));
+    .for_each(|_| futures::future::ready(()))
+    .await;
+}
 
-    let selector = format!("{POD_SCOPED_LABEL}=true,{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
-    // Metadata only: a full watch would keep every running sandbox's values (the Secrets'
-    // data) in this process's cache for the pod's lifetime.
+async fn pod_secret_controller(ctx: Arc<Context>, scope: &WatchScope, shutdown: Shutdown) {
+    // Metadata only (`Api<PartialObjectMeta<_>>` asks for nothing else): a full watch would
+    // transfer every running sandbox's values (the Secrets' data) to this process.
     let (reader, writer) = reflector::store::<PartialObjectMeta<Secret>>();
     let secrets = reflector(
         writer,
         watcher(
-            kube::Api::<PartialObjectMeta<Secret>>::all(ctx.client.clone()),
-            watcher::Config::default().labels(&selector),
+            scope.api::<PartialObjectMeta<Secret>>(ctx.client.clone()),
+            watcher::Config::default().labels(&pod_scoped_selector()),
         )
         .default_backoff(),
     )
     .applied_objects();
-    let pod_secrets = Controller::for_stream(secrets, reader)
-    // A sandbox pod is stored after the webhook created its Secret: adopt it when it appears.
-    .watches(
-        kube::Api::<Pod>::all(ctx.client.clone()),
+    let pods = watcher(
+        scope.api::<PartialObjectMeta<Pod>>(ctx.client.clone()),
         watcher::Config::default().labels(OWNER_LABEL),
-        |pod| podsecret::secret_of_pod(&pod),
     )
-    .graceful_shutdown_on(shutdown)
-    .run(
-        |secret, ctx: Arc<Context>| async move {
-            let key = object_key("Secret", secret.as_ref());
-            let result = podsecret::reconcile(secret, ctx.clone()).await;
-            if result.is_ok() {
-                ctx.succeeded(&key);
-            }
-            result
-        },
-        |secret: Arc<PartialObjectMeta<Secret>>, error: &Error, ctx: Arc<Context>| {
-            let key = object_key("Secret", secret.as_ref());
-            tracing::warn!(object = key, %error, "pod-scoped Secret reconcile failed; retrying");
-            Action::requeue(ctx.backoff(key))
-        },
-        ctx.clone(),
-    )
-    .for_each(|_| futures::future::ready(()));
-
-    tokio::join!(agentsecrets, pod_secrets);
+    .default_backoff()
+    .touched_objects();
+    Controller::for_stream(secrets, reader)
+        .with_config(ctx.controller_config())
+        // A sandbox pod is stored after the webhook created its Secret: adopt it when it
+        // appears.
+        .watches_stream(pods, |pod| podsecret::secret_of_pod(&pod))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            |secret, ctx: Arc<Context>| async move {
+                let key = object_key(secret.as_ref());
+                let result = podsecret::reconcile(secret, ctx.clone()).await;
+                if result.is_ok() {
+                    ctx.succeeded(&key);
+                }
+                result
+            },
+            |secret: Arc<PartialObjectMeta<Secret>>, error: &Error, ctx: Arc<Context>| {
+                let key = object_key(secret.as_ref());
+                tracing::warn!(object = key, %error, "pod-scoped Secret reconcile failed; retrying");
+                Action::requeue(ctx.backoff(key))
+            },
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()))
+        .await;
 }
+
+/// Wait for leadership, then run the controllers until `stop` (gracefully) or until
+/// leadership is lost (at once). The Lease is released only once the controllers have stopped,
+/// so no replica takes over while this one may still write. Returns the elector's error when
+/// leadership was lost, so the process exits and restarts clean.
+pub async fn run_controller_while_leader(
+    ctx: Arc<Context>,
+    elector: Elector,
+    stop: CancellationToken,
+) -> Result<(), LeaseError> {
+    let stopped = stop.clone();
+    elector
+        .lead(stop, |shutdown| async move {
+            tracing::info!("starting the controllers");
+            // kube-runtime's graceful shutdown waits for reconciles in flight, and its runner
+            // waits for its cache to have synced (which a sandbox namespace without RBAC never
+            // does): bound it, so a stuck controller neither blocks the process's exit nor
+            // holds the Lease until SIGKILL.
+            let overdue = async {
+                stopped.cancelled().await;
+                tokio::time::sleep(CONTROLLER_SHUTDOWN_GRACE).await;
+            };
+            tokio::select! {
+                () = run_controllers(ctx, shutdown) => tracing::info!("controllers stopped"),
+                () = overdue => tracing::warn!(
+                    grace = ?CONTROLLER_SHUTDOWN_GRACE,
+                    "controllers did not stop gracefully in time; stopped at once"
+                ),
+            }
+        })
+        .await
+}
+
+/// How long the controllers may take to stop gracefully on shutdown before they are dropped
+/// (within the pod's default 30 s termination grace, next to the webhook's own drain).
+pub const CONTROLLER_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
     #[tokio::test(start_paused = true)]
-    async fn rate_limiter_spaces_acquisitions() {
+    async fn the_rate_limit_grants_one_slot_per_interval_and_promises_the_next_ones() {
         let limiter = RateLimiter::per_second(20);
+        assert_eq!(limiter.try_acquire("a"), Ok(()));
+        assert_eq!(limiter.try_acquire("b"), Err(50 * MS));
+        assert_eq!(limiter.try_acquire("c"), Err(100 * MS));
+        // Asking again before its slot does not take another one.
+        tokio::time::advance(20 * MS).await;
+        assert_eq!(limiter.try_acquire("b"), Err(30 * MS));
+        assert_eq!(limiter.try_acquire("d"), Err(130 * MS));
+        tokio::time::advance(30 * MS).await;
+        assert_eq!(limiter.try_acquire("b"), Ok(()));
+        assert_eq!(limiter.try_acquire("c"), Err(50 * MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_holds_over_a_second_of_requeues() {
+        let limiter = RateLimiter::per_second(20);
+        let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let mut granted = 0;
         let start = Instant::now();
-        for _ in 0..21 {
-            limiter.acquire().await;
+        while start.elapsed() < Duration::from_secs(1) {
+            for key in &keys {
+                granted += usize::from(limiter.try_acquire(key).is_ok());
+            }
+            tokio::time::advance(10 * MS).await;
         }
-        // 21 slots at 50 ms spacing: the last one is 1 s after the first.
-        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        assert_eq!(granted, 20, "20 per second, however often callers ask");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_promise_nobody_claims_is_forgotten() {
+        let limiter = RateLimiter::per_second(1);
+        assert_eq!(limiter.try_acquire("a"), Ok(()));
+        assert_eq!(limiter.try_acquire("gone"), Err(Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert_eq!(limiter.try_acquire("b"), Ok(()));
+        // The promise expired: asking again is a new request.
+        assert_eq!(limiter.try_acquire("gone"), Err(Duration::from_secs(1)));
     }
 }

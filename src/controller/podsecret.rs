@@ -84,7 +84,7 @@ pub fn secret_action<S: Resource>(
 /// The pod-scoped Secret a sandbox pod names. The webhook creates the Secret before the pod
 /// is stored, so the Secret's own reconcile usually finds no pod yet; the pod appearing must
 /// prompt the adoption, or it would wait until the Secret's grace period ends.
-pub fn secret_of_pod<S: Resource<DynamicType = ()>>(pod: &Pod) -> Option<ObjectRef<S>> {
+pub fn secret_of_pod<S: Resource<DynamicType = ()>>(pod: &impl Resource) -> Option<ObjectRef<S>> {
     let name = pod.annotations().get(SECRET_NAME_ANNOTATION)?;
     let namespace = pod.namespace()?;
     Some(ObjectRef::new(name).within(&namespace))

@@ -50,16 +50,10 @@ impl AppState {
     /// Why the server is not ready, if it is not.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if self.keyring.current().is_none() {
-            return Some("no keyring loaded");
+            Some("no keyring loaded")
+        } else {
+            self.index.unready_reason()
         }
-        self.cache_unready_reason()
-    }
-
-    /// Why the AgentSecret cache cannot be trusted for injection, if it cannot. The one place
-    /// to ask the cache instead once it reports its own reason (`SecretIndex::unready_reason`:
-    /// not synced, or its watch failing for too long).
-    fn cache_unready_reason(&self) -> Option<&'static str> {
-        (!self.index.is_synced()).then_some("AgentSecret cache has not synced")
     }
 }
 

@@ -10,7 +10,7 @@ use super::{
 use agent_secrets::api::{AgentSecret, FIELD_MANAGER as CONTROLLER_FIELD_MANAGER, SealedValue};
 use agent_secrets::cache::SecretIndex;
 use agent_secrets::controller::lease::{Elector, LeaseError};
-use agent_secrets::controller::{self, Context};
+use agent_secrets::controller::{self, Context, Settings};
 use agent_secrets::crypto::{Keyring, KeyringHandle};
 use agent_secrets::telemetry::{Metrics, ResultLabels};
 use futures::StreamExt as _;
@@ -18,6 +18,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Client, ResourceExt as _};
@@ -94,11 +95,14 @@ fn start_controller(
         keyring,
         index,
         Arc::new(Metrics::default()),
-        rewrap_per_second,
-        pod_secret_grace,
-        Some(unique("cluster-test-controller")),
+        Settings {
+            rewrap_per_second,
+            pod_secret_grace,
+            reporter_instance: Some(unique("cluster-test-controller")),
+            ..Settings::default()
+        },
     ));
-    tokio::spawn(controller::run(
+    tokio::spawn(controller::run_controllers(
         ctx.clone(),
         guard.stop.clone().cancelled_owned(),
     ));
@@ -617,7 +621,7 @@ impl Replica {
         };
         let (leader_tx, leader) = watch::channel(false);
         let stop = guard.stop.child_token();
-        let task = tokio::spawn(elector.run(leader_tx, stop.clone()));
+        let task = tokio::spawn(elector.hold(leader_tx, stop.clone()));
         Self {
             identity: identity.into(),
             leader,
@@ -785,6 +789,174 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     );
     assert!(handover < LEASE_DURATION, "{handover:?}");
     assert_eq!(spec.lease_transitions, Some(2));
+}
+
+/// A Lease held by `holder` whose clock runs an hour behind this machine's.
+fn skewed_lease(holder: &str) -> Lease {
+    let an_hour_ago = Timestamp::now() - SignedDuration::from_hours(1);
+    Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("agent-secrets-controller".into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(i32::try_from(LEASE_DURATION.as_secs()).unwrap()),
+            acquire_time: Some(MicroTime(an_hour_ago)),
+            renew_time: Some(MicroTime(an_hour_ago)),
+            lease_transitions: Some(0),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn a_follower_judges_expiry_by_its_own_clock_not_the_holders_renew_time() {
+    let client = client().await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    leases
+        .create(&PostParams::default(), &skewed_lease("skewed-holder"))
+        .await
+        .unwrap();
+    // The holder keeps renewing with its slow clock: every renewTime it writes looks an hour
+    // old here, yet the record changes, so it is alive.
+    let renewer = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut lease = leases.get("agent-secrets-controller").await.unwrap();
+                let spec = lease.spec.as_mut().unwrap();
+                spec.renew_time = Some(MicroTime(Timestamp::now() - SignedDuration::from_hours(1)));
+                leases
+                    .replace("agent-secrets-controller", &PostParams::default(), &lease)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let follower = Replica::start(&leases, &guard, "replica-a");
+    let hold_until = Instant::now() + LEASE_DURATION * 2;
+    while Instant::now() < hold_until {
+        assert!(
+            !follower.leads(),
+            "took over a live Lease whose renewTime is an hour old: {}",
+            describe_replicas(&[&follower])
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The holder stops renewing: the follower takes over once the record has not changed for
+    // a whole duration by its own clock.
+    renewer.abort();
+    let _ = renewer.await;
+    let last_change = Instant::now();
+    eventually(
+        "the follower takes over once the record stops changing",
+        LEASE_DURATION + Duration::from_secs(4),
+        || {
+            let result = if follower.leads() {
+                Ok(())
+            } else {
+                Err(describe_replicas(&[&follower]))
+            };
+            async move { result }
+        },
+    )
+    .await;
+    let waited = last_change.elapsed();
+    eprintln!("took over {waited:?} after the last renewal");
+    assert!(
+        waited >= LEASE_DURATION - Duration::from_millis(500),
+        "took over {waited:?} after the last renewal, before a whole duration"
+    );
+    let spec = lease_spec(&leases).await;
+    assert_eq!(spec.holder_identity.as_deref(), Some("replica-a"));
+    assert_eq!(spec.lease_transitions, Some(1));
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn the_lease_is_released_only_after_the_guarded_work_has_stopped() {
+    let client = client().await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let stop = guard.stop.child_token();
+    let ended: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let recorded = ended.clone();
+    let leader = Elector {
+        api: leases.clone(),
+        name: "agent-secrets-controller".into(),
+        identity: "replica-a".into(),
+        duration: LEASE_DURATION,
+    };
+    let leading = tokio::spawn(leader.lead(stop.clone(), |shutdown| async move {
+        shutdown.await;
+        // A graceful stop longer than the Lease duration, as a slow final reconcile.
+        tokio::time::sleep(LEASE_DURATION * 2).await;
+        *recorded.lock().unwrap() = Some(Instant::now());
+    }));
+    eventually("replica-a leads", Duration::from_secs(15), || {
+        let leases = leases.clone();
+        async move {
+            match leases.get_opt("agent-secrets-controller").await.unwrap() {
+                Some(lease)
+                    if lease
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.holder_identity.as_deref())
+                        == Some("replica-a") =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let follower = Replica::start(&leases, &guard, "replica-b");
+    stop.cancel();
+    let stopped = Instant::now();
+    // While the work stops, the Lease stays held and renewed: the follower does not lead.
+    let renewed_at_stop = time_of(lease_spec(&leases).await.renew_time.as_ref());
+    while stopped.elapsed() < LEASE_DURATION * 3 / 2 {
+        assert!(
+            !follower.leads(),
+            "a replica took over while the leader's work was still stopping"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let spec = lease_spec(&leases).await;
+    assert_eq!(spec.holder_identity.as_deref(), Some("replica-a"));
+    assert!(
+        time_of(spec.renew_time.as_ref()) > renewed_at_stop,
+        "the Lease is renewed while the work stops"
+    );
+    leading
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a graceful stop ends leader election cleanly: {e}"));
+    let ended = ended.lock().unwrap().expect("the work ran and ended");
+    eventually(
+        "the follower takes over from the released Lease",
+        LEASE_DURATION,
+        || {
+            let result = if follower.leads() {
+                Ok(())
+            } else {
+                Err(describe_replicas(&[&follower]))
+            };
+            async move { result }
+        },
+    )
+    .await;
+    assert!(
+        ended.elapsed() < LEASE_DURATION,
+        "taken over from the release, not by expiry"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

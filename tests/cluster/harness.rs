@@ -174,7 +174,7 @@ pub(crate) fn spawn_agentsecret_watch(
     index: &Arc<SecretIndex>,
     stop: &CancellationToken,
 ) {
-    tokio::spawn(agent_secrets::run::watch_agentsecrets(
+    tokio::spawn(agent_secrets::cache::watch_agentsecrets(
         client.clone(),
         index.clone(),
         stop.clone(),

@@ -61,14 +61,15 @@ ServiceAccount the operator runs as.
 {{- end }}
 
 {{/*
-Secret holding the webhook's serving certificate (tls.crt, tls.key, ca.crt).
+Secret holding the webhook's serving certificate (tls.crt, tls.key, ca.crt; and ca.key when the
+operator generates it), written by the operator or by cert-manager, never by Helm.
 */}}
 {{- define "agent-secrets.tlsSecretName" -}}
 {{- printf "%s-tls" (include "agent-secrets.fullname" .) }}
 {{- end }}
 
 {{/*
-Secret holding the keyring (key keyring.yaml): the user's or the one the chart generates.
+Secret holding the keyring (key keyring.yaml): the user's, or the one the operator creates.
 */}}
 {{- define "agent-secrets.keyringSecretName" -}}
 {{- default (printf "%s-keyring" (include "agent-secrets.fullname" .)) .Values.keyring.existingSecret }}
@@ -271,4 +272,56 @@ of them is also excluded (it would silently get no injection).
 {{- end }}
 {{- end }}
 {{- .Values.sandboxNamespaces | toJson }}
+{{- end }}
+
+{{/*
+"true" when the operator generates and renews the webhook's certificate itself (no cert-manager).
+*/}}
+{{- define "agent-secrets.operatorManagesTLS" -}}
+{{- if not .Values.certManager.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the operator patches the caBundle of the chart's webhook configuration: it
+generates the certificate and the API server calls the in-cluster Service (with webhook.url
+the caBundle is the user's webhook.caBundle).
+*/}}
+{{- define "agent-secrets.operatorPatchesCABundle" -}}
+{{- if and (include "agent-secrets.operatorManagesTLS" .) (not .Values.webhook.url) }}true{{ end }}
+{{- end }}
+
+{{/*
+A label selector: the chart's own matchExpressions (called with (list requirements extra)),
+then the user's extra matchExpressions and matchLabels. Kubernetes ANDs every term of a
+selector, so the user's terms can narrow the chart's but never widen them.
+*/}}
+{{- define "agent-secrets.selector" -}}
+{{- $own := index . 0 }}
+{{- $extra := index . 1 -}}
+matchExpressions:
+  {{- toYaml (concat $own (default list $extra.matchExpressions)) | nindent 2 }}
+{{- with $extra.matchLabels }}
+matchLabels:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+namespaceSelector of both webhooks: never kube-system, the release namespace or
+excludedNamespaces; with sandboxNamespaces, only those; then webhook.namespaceSelector.
+*/}}
+{{- define "agent-secrets.webhookNamespaceSelector" -}}
+{{- $own := list (dict "key" "kubernetes.io/metadata.name" "operator" "NotIn" "values" (include "agent-secrets.excludedNamespaces" . | fromJsonArray)) }}
+{{- if .Values.sandboxNamespaces }}
+{{- $own = append $own (dict "key" "kubernetes.io/metadata.name" "operator" "In" "values" (include "agent-secrets.sandboxNamespaces" . | fromJsonArray)) }}
+{{- end }}
+{{- include "agent-secrets.selector" (list $own .Values.webhook.namespaceSelector) }}
+{{- end }}
+
+{{/*
+objectSelector of the pod webhook: only pods labelled with an owner; then webhook.objectSelector.
+*/}}
+{{- define "agent-secrets.podObjectSelector" -}}
+{{- $own := list (dict "key" "agentsecrets.io/owner" "operator" "Exists") }}
+{{- include "agent-secrets.selector" (list $own .Values.webhook.objectSelector) }}
 {{- end }}

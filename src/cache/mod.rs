@@ -5,11 +5,21 @@
 //! Only what admission needs is kept (names, env name, the decoded sealed value): managed
 //! fields and annotations, which client-side apply fills with a copy of the manifest, are not.
 
+mod pod_secrets;
+mod watch;
+
+pub use pod_secrets::PodSecretIndex;
+pub use watch::{
+    WatchScope, pod_scoped_selector, sandbox_scopes, watch_agentsecrets, watch_pod_secrets,
+};
+
 use kube::ResourceExt as _;
 use kube::runtime::watcher;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::api::{AgentSecret, SealedError};
 use crate::crypto::{CryptoError, Envelope};
@@ -84,11 +94,30 @@ impl State {
     }
 }
 
+/// How long the AgentSecret watch may fail before the replica stops being ready, unless
+/// configured otherwise.
+pub const DEFAULT_WATCH_FAILURE_GRACE: Duration = Duration::from_secs(30);
+
+/// Why admission must not be served from the cache yet.
+pub const NOT_SYNCED: &str = "AgentSecret cache has not synced";
+/// Why admission must no longer be served from the cache: deletions may be missed.
+pub const WATCH_FAILING: &str =
+    "AgentSecret watch has been failing for longer than its grace period";
+
 /// The AgentSecret cache. Cheap to share behind an `Arc`.
-#[derive(Default)]
 pub struct SecretIndex {
     state: RwLock<State>,
     synced: AtomicBool,
+    /// Monotonic time of the first watch failure since the watch last listed; `None` while
+    /// the watch is healthy.
+    failing_since: Mutex<Option<Instant>>,
+    watch_failure_grace: Duration,
+}
+
+impl Default for SecretIndex {
+    fn default() -> Self {
+        Self::with_watch_failure_grace(DEFAULT_WATCH_FAILURE_GRACE)
+    }
 }
 
 impl std::fmt::Debug for SecretIndex {
@@ -101,10 +130,48 @@ impl std::fmt::Debug for SecretIndex {
 }
 
 impl SecretIndex {
+    /// An empty cache whose readiness drops once its watch has been failing for `grace`.
+    pub fn with_watch_failure_grace(grace: Duration) -> Self {
+        Self {
+            state: RwLock::default(),
+            synced: AtomicBool::new(false),
+            failing_since: Mutex::new(None),
+            watch_failure_grace: grace,
+        }
+    }
+
     /// Whether the initial list has completed: before that, a missing secret may just not be
     /// loaded yet, so the server is not ready.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// Why admission must not rely on this cache now, if it must not: the initial list has not
+    /// completed, or the watch has been failing for longer than the grace period (a replica
+    /// that cannot see deletions must not keep injecting deleted secrets).
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        if !self.is_synced() {
+            return Some(NOT_SYNCED);
+        }
+        let failing_since = *self.failing_since();
+        match failing_since {
+            Some(since) if since.elapsed() > self.watch_failure_grace => Some(WATCH_FAILING),
+            _ => None,
+        }
+    }
+
+    /// Record that the watch failed (the first failure of an outage starts its clock).
+    pub fn watch_failed(&self) {
+        self.failing_since().get_or_insert_with(Instant::now);
+    }
+
+    /// Record that the watch listed or delivered a change: it sees the cluster again.
+    pub fn watch_recovered(&self) {
+        *self.failing_since() = None;
+    }
+
+    fn failing_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.failing_since.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Apply one watcher event.
@@ -157,7 +224,8 @@ impl SecretIndex {
     /// Every secret of `owner` in `namespace`, ordered by object name.
     pub fn owner_secrets(&self, namespace: &str, owner: &str) -> Vec<Arc<CachedSecret>> {
         let state = self.read();
-        // Look up without allocating a key: the map is small per namespace/owner pair.
+        // A tuple of owned strings is the key, so the lookup copies both parts: two short
+        // allocations, negligible next to the admission's decryption.
         state
             .by_owner
             .get(&(namespace.to_owned(), owner.to_owned()))
@@ -210,81 +278,6 @@ impl SecretIndex {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The pod-scoped Secrets that exist, per namespace, and which of them wait for their pod (no
-/// ownerReference yet), fed by a metadata-only watch (values are never held). Bounds what
-/// forged admission reviews can make the operator create.
-#[derive(Debug, Default)]
-pub struct PodSecretIndex {
-    /// namespace → Secret name → adopted by its pod.
-    state: RwLock<HashMap<String, HashMap<String, bool>>>,
-}
-
-impl PodSecretIndex {
-    /// Apply one event of the watch on pod-scoped Secrets.
-    pub fn apply<K: kube::Resource>(&self, event: watcher::Event<K>) {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let key = |object: &K| {
-            Some((
-                object.meta().namespace.clone()?,
-                object.meta().name.clone()?,
-            ))
-        };
-        match event {
-            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
-                if let Some((namespace, name)) = key(&object) {
-                    let adopted = !object
-                        .meta()
-                        .owner_references
-                        .as_deref()
-                        .unwrap_or_default()
-                        .is_empty();
-                    state.entry(namespace).or_default().insert(name, adopted);
-                }
-            }
-            watcher::Event::Delete(object) => {
-                if let Some((namespace, name)) = key(&object)
-                    && let Some(names) = state.get_mut(&namespace)
-                {
-                    names.remove(&name);
-                    if names.is_empty() {
-                        state.remove(&namespace);
-                    }
-                }
-            }
-            // A relist re-applies everything; entries of Secrets deleted meanwhile would be
-            // stale, so start over (the count only bounds new creations).
-            watcher::Event::Init => state.clear(),
-            watcher::Event::InitDone => {}
-        }
-    }
-
-    /// Record a Secret this replica just created, before the watch reports it.
-    pub fn created(&self, namespace: &str, name: &str) {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        state
-            .entry(namespace.to_owned())
-            .or_default()
-            .entry(name.to_owned())
-            .or_insert(false);
-    }
-
-    /// Whether the Secret exists (as far as this replica knows).
-    pub fn contains(&self, namespace: &str, name: &str) -> bool {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state
-            .get(namespace)
-            .is_some_and(|names| names.contains_key(name))
-    }
-
-    /// Pod-scoped Secrets in `namespace` not yet adopted by their pod.
-    pub fn unadopted(&self, namespace: &str) -> usize {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state.get(namespace).map_or(0, |names| {
-            names.values().filter(|adopted| !**adopted).count()
-        })
     }
 }
 
@@ -439,39 +432,52 @@ mod tests {
         assert_eq!(index.env_name_taken_by("ns", "carol", "TOKEN", "new"), None);
     }
 
-    type SecretMeta = kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>;
-
-    fn pod_secret(name: &str, adopted: bool) -> SecretMeta {
-        let mut meta = kube::api::ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("ns".into()),
-            ..Default::default()
-        };
-        if adopted {
-            meta.owner_references = Some(vec![Default::default()]);
-        }
-        kube::core::PartialObjectMeta {
-            types: None,
-            metadata: meta,
-            _phantom: Default::default(),
-        }
+    #[tokio::test(start_paused = true)]
+    async fn readiness_waits_for_the_initial_list() {
+        let index = SecretIndex::default();
+        assert_eq!(index.unready_reason(), Some(NOT_SYNCED));
+        index.apply(watcher::Event::Init);
+        assert_eq!(index.unready_reason(), Some(NOT_SYNCED));
+        index.apply(watcher::Event::InitDone);
+        assert_eq!(index.unready_reason(), None);
     }
 
-    #[test]
-    fn pod_secrets_waiting_for_their_pod_are_counted_per_namespace() {
-        let index = PodSecretIndex::default();
-        index.apply(watcher::Event::<SecretMeta>::Init);
-        index.apply(watcher::Event::InitApply(pod_secret("a", false)));
-        index.apply(watcher::Event::InitApply(pod_secret("b", true)));
-        index.apply(watcher::Event::<SecretMeta>::InitDone);
-        assert_eq!(index.unadopted("ns"), 1);
-        index.created("ns", "c");
-        assert_eq!(index.unadopted("ns"), 2);
-        assert!(index.contains("ns", "c"));
-        index.apply(watcher::Event::Apply(pod_secret("a", true)));
-        index.apply(watcher::Event::Delete(pod_secret("c", false)));
-        assert_eq!(index.unadopted("ns"), 0);
-        assert_eq!(index.unadopted("other"), 0);
+    #[tokio::test(start_paused = true)]
+    async fn readiness_drops_once_the_watch_fails_for_longer_than_the_grace() {
+        let index = SecretIndex::with_watch_failure_grace(Duration::from_secs(30));
+        index.replace_all([]);
+        index.watch_failed();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        // Retries failing again do not restart the outage's clock.
+        index.watch_failed();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            index.unready_reason(),
+            None,
+            "still within the grace period"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(index.unready_reason(), Some(WATCH_FAILING));
+        index.watch_recovered();
+        assert_eq!(
+            index.unready_reason(),
+            None,
+            "ready again once the watch lists"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_outage_gets_a_whole_grace_period() {
+        let index = SecretIndex::with_watch_failure_grace(Duration::from_secs(30));
+        index.replace_all([]);
+        index.watch_failed();
+        tokio::time::advance(Duration::from_secs(25)).await;
+        index.watch_recovered();
+        index.watch_failed();
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(index.unready_reason(), None);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(index.unready_reason(), Some(WATCH_FAILING));
     }
 
     #[test]

@@ -1,0 +1,306 @@
+//! `agentsecrets run`: wire the keyring, the AgentSecret cache, the webhook and admin servers
+//! and the controller together, and shut them all down on SIGTERM.
+
+mod args;
+
+pub use args::{
+    BootstrapArgs, PolicyArgs, RunArgs, operator_username, parse_duration, parse_synthetic,
+};
+
+use anyhow::Context as _;
+use axum_server::tls_rustls::RustlsConfig;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{
+    PodSecretIndex, SecretIndex, sandbox_scopes, watch_agentsecrets, watch_pod_secrets,
+};
+use crate::controller::lease::Elector;
+use crate::controller::{Context, Settings, run_controller_while_leader};
+use crate::crypto::KeyringHandle;
+use crate::telemetry::Metrics;
+use crate::webhook::server::{self, AppState, KubeSecretWriter};
+
+/// Resolve on SIGTERM or Ctrl-C.
+async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The webhook's TLS configuration once both files exist and load, checked every 2 s; `None`
+/// when stopped first.
+async fn wait_for_tls(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    stop: &CancellationToken,
+) -> Option<RustlsConfig> {
+    let mut waited = 0u32;
+    loop {
+        match crate::webhook::tls::load(cert, key, client_ca) {
+            Ok(tls) => return Some(tls),
+            Err(error) => {
+                // Once at first, then every 30 s: the file appears when the kubelet projects
+                // the Secret, usually within a minute of its creation.
+                if waited.is_multiple_of(15) {
+                    tracing::info!(
+                        cert = %cert.display(),
+                        %error,
+                        "waiting for the webhook's serving certificate"
+                    );
+                }
+            }
+        }
+        waited += 1;
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Run the operator until SIGTERM.
+pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
+        webhook_addr,
+        admin_addr,
+        tls_cert,
+        tls_key,
+        client_ca,
+        keyring,
+        policy,
+        pod_secret_grace,
+        rotation_rate,
+        lease_name,
+        lease_namespace,
+        lease_duration,
+        identity,
+        max_concurrent_reconciles,
+        watch_failure_grace,
+        sandbox_namespaces,
+        reload_interval,
+        bootstrap,
+        bench_synthetic_cache,
+        log_format,
+    } = args;
+    let sandbox_scopes = sandbox_scopes(&sandbox_namespaces);
+    let identity = identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("agentsecrets-{}", std::process::id()));
+    crate::telemetry::init_logging(log_format);
+    let policy = Arc::new(policy.policy(operator_username())?);
+    if policy.allowed_principals.is_empty() {
+        tracing::warn!(
+            "no --allowed-principals: anyone who may create pods can label one for any owner in their namespace"
+        );
+    }
+
+    let client = match bench_synthetic_cache {
+        Some(_) => None,
+        None => Some(
+            kube::Client::try_default()
+                .await
+                .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?,
+        ),
+    };
+    let webhook_listener = server::bind(webhook_addr)
+        .with_context(|| format!("failed to listen on {webhook_addr}"))?;
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("failed to listen on {admin_addr}"))?;
+
+    let stop = CancellationToken::new();
+    let keyring_handle = KeyringHandle::default();
+    let index = Arc::new(SecretIndex::with_watch_failure_grace(watch_failure_grace));
+    let metrics = Arc::new(Metrics::default());
+    let pod_secrets = Arc::new(PodSecretIndex::default());
+    if let Some((owners, per_owner)) = bench_synthetic_cache {
+        let ring = crate::crypto::Keyring::load(&keyring)?;
+        index.replace_all(crate::cache::synthetic(&ring, "bench", owners, per_owner)?);
+        keyring_handle.replace(ring);
+        tracing::warn!(
+            secrets = index.len(),
+            "benchmark mode: synthetic cache, no cluster, pod-scoped Secrets are discarded"
+        );
+    }
+    let writer: Arc<dyn server::SecretWriter> = match &client {
+        Some(client) => Arc::new(KubeSecretWriter {
+            client: client.clone(),
+        }),
+        None => Arc::new(server::DiscardingWriter),
+    };
+    let state = AppState {
+        keyring: keyring_handle.clone(),
+        index: index.clone(),
+        policy,
+        writer,
+        metrics,
+        pod_secrets: pod_secrets.clone(),
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(client) = client.clone() {
+        let plan = crate::bootstrap::Plan::from_args(&bootstrap, &lease_namespace);
+        if !plan.is_empty() {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                crate::bootstrap::maintain(client, plan, stop.cancelled_owned()).await;
+                Ok(())
+            });
+        }
+    }
+    // The serving certificate may not exist yet: on a first install this process generates it
+    // (above) and the kubelet then projects the Secret into the pod. Until it is loaded the
+    // webhook does not serve and the replica is not ready.
+    let tls_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            keyring_handle
+                .watch_file(keyring, reload_interval, stop.cancelled_owned())
+                .await;
+            Ok(())
+        });
+    }
+
+    if let Some(client) = client.clone() {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            watch_agentsecrets(client, index, stop).await;
+            Ok(())
+        });
+    }
+    if let Some(client) = client.clone() {
+        for scope in sandbox_scopes.clone() {
+            let (client, pod_secrets, stop) = (client.clone(), pod_secrets.clone(), stop.clone());
+            tasks.spawn(async move {
+                watch_pod_secrets(client, scope, pod_secrets, stop).await;
+                Ok(())
+            });
+        }
+    }
+    {
+        let stop = stop.clone();
+        let router = server::webhook_router(state.clone());
+        let tls_loaded = tls_loaded.clone();
+        tasks.spawn(async move {
+            let Some(tls) = wait_for_tls(&tls_cert, &tls_key, client_ca.as_deref(), &stop).await
+            else {
+                return Ok(());
+            };
+            tls_loaded.store(true, std::sync::atomic::Ordering::Release);
+            let reload = server::watch_tls_files(
+                tls.clone(),
+                tls_cert,
+                tls_key,
+                client_ca,
+                reload_interval,
+                stop.clone().cancelled_owned(),
+            );
+            let serve =
+                server::serve_webhook(webhook_listener, tls, router, stop.cancelled_owned());
+            let (served, ()) = tokio::join!(serve, reload);
+            served.context("webhook server failed")
+        });
+    }
+    {
+        let stop = stop.clone();
+        let router = server::admin_router(state.clone()).layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let tls_loaded = tls_loaded.load(std::sync::atomic::Ordering::Acquire);
+                async move {
+                    if request.uri().path() == "/readyz" && !tls_loaded {
+                        use axum::response::IntoResponse as _;
+                        return (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "the webhook's serving certificate is not loaded yet",
+                        )
+                            .into_response();
+                    }
+                    next.run(request).await
+                }
+            },
+        ));
+        tasks.spawn(async move {
+            server::serve_admin(admin_listener, router, stop.cancelled_owned())
+                .await
+                .context("admin server failed")
+        });
+    }
+    // Only the Lease holder reconciles and writes; every replica serves admission.
+    if let Some(client) = client {
+        let elector = Elector {
+            api: kube::Api::namespaced(client.clone(), &lease_namespace),
+            name: lease_name,
+            identity: identity.clone(),
+            duration: lease_duration,
+        };
+        let ctx = Arc::new(Context::new(
+            client,
+            state.keyring.clone(),
+            state.index.clone(),
+            state.metrics.clone(),
+            Settings {
+                rewrap_per_second: rotation_rate,
+                pod_secret_grace,
+                max_concurrent_reconciles,
+                sandbox_scopes,
+                reporter_instance: Some(identity),
+            },
+        ));
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            run_controller_while_leader(ctx, elector, stop)
+                .await
+                .context("leader election stopped")
+        });
+    }
+    tracing::info!(%webhook_addr, %admin_addr, "agent-secrets started");
+
+    let mut result = Ok(());
+    tokio::select! {
+        () = termination_signal() => tracing::info!("termination signal received; shutting down"),
+        Some(joined) = tasks.join_next() => {
+            // A task ended before shutdown: that is a failure of the whole process.
+            result = match joined {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a background task stopped unexpectedly")),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("a background task panicked: {e}")),
+            };
+        }
+    }
+    stop.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "task failed during shutdown");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "task panicked during shutdown"),
+        }
+    }
+    tracing::info!("agent-secrets stopped");
+    result
+}

@@ -1,0 +1,228 @@
+//! Secretless mode: the sandbox holds only placeholders; this egress proxy, running beside it
+//! as a native sidecar (`agentsecrets proxy`), swaps each placeholder for its value in outbound
+//! requests towards the hosts that secret is allowed for, and refuses it everywhere else.
+//! See docs/secretless.md for the design, the threat model and the contract with the webhook.
+
+pub mod ca;
+pub mod mask;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod snapshot;
+pub mod source;
+
+use anyhow::Context as _;
+use clap::Args;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub use ca::CertAuthority;
+pub use metrics::ProxyMetrics;
+pub use proxy::{Proxy, UpstreamOptions};
+pub use snapshot::{EgressMode, Entry, HostPattern, Placement, Snapshot};
+pub use source::{FileSource, StaticSource, ValueSource};
+
+/// Default listen address: loopback, shared by every container of the pod.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15080";
+
+/// Flags of `agentsecrets proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address the proxy listens on. Loopback only unless --allow-non-loopback: anyone who can
+    /// reach the proxy can have placeholders turned into values.
+    #[arg(long, env = "AGENTSECRETS_PROXY_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Accept a non-loopback --listen address.
+    #[arg(long)]
+    pub allow_non_loopback: bool,
+    /// JSON file of placeholders, values, allowed hosts and placements (reloaded within a
+    /// second of a change; see docs/secretless.md).
+    #[arg(long, env = "AGENTSECRETS_PROXY_VALUES_FILE", value_name = "FILE")]
+    pub values_file: PathBuf,
+    /// Where to write the CA bundle the sandbox trusts (the per-pod CA, then the Mozilla
+    /// roots). Written before the proxy accepts connections.
+    #[arg(long, env = "AGENTSECRETS_PROXY_CA_BUNDLE", value_name = "FILE")]
+    pub ca_bundle: PathBuf,
+    /// PEM bundle of CAs trusted for upstream TLS instead of the Mozilla roots.
+    #[arg(long, env = "AGENTSECRETS_PROXY_UPSTREAM_CA", value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Resolve HOST to IP instead of asking DNS (repeatable), like curl's --resolve.
+    #[arg(long, value_name = "HOST=IP", value_parser = parse_resolve)]
+    pub resolve: Vec<(String, IpAddr)>,
+    /// Address of the admin server (/healthz, /readyz, /metrics); it never proxies. Probes come
+    /// from the kubelet, so this is usually the pod's address, e.g. 0.0.0.0:15081.
+    #[arg(long, env = "AGENTSECRETS_PROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    pub log_format: crate::telemetry::LogFormat,
+}
+
+fn parse_resolve(text: &str) -> Result<(String, IpAddr), String> {
+    let (host, ip) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected HOST=IP, got {text:?}"))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} is not an IP address"))?;
+    Ok((host.to_owned(), ip))
+}
+
+/// Reads a PEM bundle of certificates.
+pub fn read_pem_certificates(
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("failed to read {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("failed to parse certificates in {}", path.display()))
+}
+
+/// `agentsecrets proxy`: run until SIGTERM or Ctrl-C.
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let ProxyArgs {
+        listen,
+        allow_non_loopback,
+        values_file,
+        ca_bundle,
+        upstream_ca,
+        resolve,
+        admin_listen,
+        log_format,
+    } = args;
+    crate::telemetry::init_logging(log_format);
+    if !listen.ip().is_loopback() && !allow_non_loopback {
+        anyhow::bail!(
+            "refusing to listen on {listen}: the proxy turns placeholders into values for whoever reaches it; use a loopback address or pass --allow-non-loopback"
+        );
+    }
+    let stop = CancellationToken::new();
+    let source = FileSource::spawn(values_file, stop.clone())?;
+    let ca = Arc::new(CertAuthority::generate()?);
+    ca.write_bundle(&ca_bundle)?;
+    let roots = upstream_ca
+        .map(|path| read_pem_certificates(&path))
+        .transpose()?;
+    let metrics = Arc::new(ProxyMetrics::default());
+    let proxy = Arc::new(Proxy::new(
+        source.as_ref(),
+        ca,
+        UpstreamOptions {
+            roots,
+            resolve: resolve.into_iter().collect(),
+        },
+        metrics.clone(),
+    )?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("failed to listen on {listen}"))?;
+    tracing::info!(%listen, bundle = %ca_bundle.display(), "secretless egress proxy ready");
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(admin) = admin_listen {
+        let listener = tokio::net::TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("failed to listen on {admin}"))?;
+        let router = admin_router(source.watch(), metrics);
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .context("admin server failed")
+        });
+    }
+    tasks.spawn({
+        let stop = stop.clone();
+        async move {
+            proxy.serve(listener, stop).await;
+            Ok(())
+        }
+    });
+    tasks.spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+            Ok(())
+        }
+    });
+    // Any task ending ends the process: a proxy without its admin server is not ready either.
+    let first = tasks.join_next().await;
+    stop.cancel();
+    match first {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(anyhow::anyhow!("proxy task failed: {e}")),
+        None => Ok(()),
+    }
+}
+
+fn admin_router(
+    snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<ProxyMetrics>,
+) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = snapshot.borrow().unusable_reason().is_none();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no valid secret configuration",
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
