@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash hack/install-browser.sh >&2
+bash hack/install-proxy-test-clients.sh >&2
 # Unchanged HTTP clients (curl, Python requests, Node + undici) for the secretless proxy tests.
 bash hack/install-proxy-test-clients.sh >&2
 cargo test --locked "$@"

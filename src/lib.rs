@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crypto;
 pub mod run;
 pub mod secretless;
+pub mod signal;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

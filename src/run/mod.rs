@@ -23,29 +23,6 @@ use crate::crypto::KeyringHandle;
 use crate::telemetry::Metrics;
 use crate::webhook::server::{self, AppState, KubeSecretWriter};
 
-/// Resolve on SIGTERM or Ctrl-C.
-async fn termination_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 /// The webhook's TLS configuration once both files exist and load, checked every 2 s; `None`
 /// when stopped first.
 async fn wait_for_tls(
@@ -278,7 +255,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
 
     let mut result = Ok(());
     tokio::select! {
-        () = termination_signal() => tracing::info!("termination signal received; shutting down"),
+        () = crate::signal::termination() => tracing::info!("termination signal received; shutting down"),
         Some(joined) = tasks.join_next() => {
             // A task ended before shutdown: that is a failure of the whole process.
             result = match joined {

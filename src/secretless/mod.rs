@@ -149,7 +149,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tasks.spawn({
         let stop = stop.clone();
         async move {
-            shutdown_signal().await;
+            crate::signal::termination().await;
             stop.cancel();
             Ok(())
         }
@@ -203,26 +203,4 @@ fn admin_router(
                 }
             }),
         )
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

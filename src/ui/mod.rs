@@ -229,7 +229,7 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
             let handle = axum_server::Handle::new();
             let stopper = handle.clone();
             tokio::spawn(async move {
-                termination_signal().await;
+                crate::signal::termination().await;
                 stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
             });
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
@@ -247,7 +247,7 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("failed to listen on {}", args.addr))?;
             axum::serve(listener, app)
-                .with_graceful_shutdown(termination_signal())
+                .with_graceful_shutdown(crate::signal::termination())
                 .await
                 .context("failed to serve the Secrets page")?;
         }
@@ -296,22 +296,6 @@ pub fn tls_config(
         .context("failed to use the certificate and key")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Resolve on SIGTERM or Ctrl-C.
-async fn termination_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]

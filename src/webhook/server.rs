@@ -50,10 +50,11 @@ impl AppState {
     /// Why the server is not ready, if it is not.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if self.keyring.current().is_none() {
-            Some("no keyring loaded")
-        } else {
-            self.index.unready_reason()
+            return Some("no keyring loaded");
         }
+        // Not synced yet, or its watch failing for too long: a replica that cannot see
+        // deletions must not inject.
+        self.index.unready_reason()
     }
 }
 
