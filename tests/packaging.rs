@@ -5,6 +5,12 @@
 //! (The chart itself is linted and rendered with real Helm by `hack/helm.py`.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common {
+    pub mod client;
+    pub mod fixtures;
+    pub mod serve;
+    pub mod server;
+}
 
 use agent_secrets::bootstrap::{KEYRING_KEY, TLS_CRT, TLS_KEY};
 use clap::Parser as _;
@@ -242,3 +248,41 @@ fn the_operator_owns_the_keyring_and_certificate_the_manifests_mount() {
     assert_eq!(webhook_rules[0]["verbs"], Value::from(vec!["get", "patch"]));
 }
 
+/// `helm test` posts charts/agent-secrets/files/helm-test-review.json to /mutate/pods over TLS
+/// and passes when the answer allows it under the same uid: the real webhook server does.
+#[tokio::test]
+async fn the_helm_test_review_is_admitted_by_the_webhook_over_tls() {
+    let body = read("charts/agent-secrets/files/helm-test-review.json");
+    let review: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let uid = review["request"]["uid"].as_str().unwrap();
+    let server = common::serve::serve(common::fixtures::fixture_policy()).await;
+    // Shaped as the API server sends a dry-run pod review.
+    let (path, recorded) = common::fixtures::fixture("pod_create_server_dry_run.json");
+    assert_eq!(path, "/mutate/pods");
+    assert_eq!(review["apiVersion"], recorded["apiVersion"]);
+    assert_eq!(review["request"]["kind"], recorded["request"]["kind"]);
+    assert_eq!(review["request"]["dryRun"], recorded["request"]["dryRun"]);
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["uid"], uid);
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(
+        answer["response"].get("patch").is_none(),
+        "nothing is injected: {answer}"
+    );
+    assert!(server.created().is_empty(), "a dry run creates nothing");
+    let metrics = server.state.metrics.encode();
+    assert!(
+        metrics.contains(
+            r#"agentsecrets_admission_requests_total{kind="pod",operation="CREATE",decision="allowed"} 1"#
+        ),
+        "{metrics}"
+    );
+    // The test pod matches the answer as text: it must be compact JSON with these fields.
+    let text = serde_json::to_string(&answer).unwrap();
+    assert!(text.contains(&format!("\"uid\":\"{uid}\"")) && text.contains("\"allowed\":true"));
+    let template = read("charts/agent-secrets/templates/tests/webhook-test.yaml");
+    assert!(
+        template.contains(&format!("'\"uid\":\"{uid}\"'")),
+        "the test pod expects this uid"
+    );
+}

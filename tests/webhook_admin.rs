@@ -6,6 +6,7 @@ mod common {
     pub mod admin;
     pub mod client;
     pub mod fixtures;
+    pub mod keyring;
     pub mod server;
 }
 
@@ -16,6 +17,7 @@ use agent_secrets::telemetry::Metrics;
 use agent_secrets::webhook::server::{self, AppState};
 use common::admin::admin_get;
 use common::fixtures::{fixture, fixture_policy};
+use common::keyring::keyring;
 use common::server::{RecordingWriter, Setup, TestServer};
 use serde_json::json;
 use std::sync::Arc;
@@ -120,7 +122,7 @@ async fn metrics_count_reviews_by_kind_operation_and_decision() {
     }
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert_eq!(server.created().len(), 1);
-    assert_eq!(server.keyring().key_ids().count(), 1);
+    assert_eq!(keyring(&server).key_ids().count(), 1);
 }
 
 #[tokio::test]

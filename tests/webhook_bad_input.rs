@@ -7,6 +7,7 @@ mod common {
     pub mod client;
     pub mod fixtures;
     pub mod injections;
+    pub mod keyring;
     pub mod refusals;
     pub mod sealing;
     pub mod server;
@@ -16,6 +17,7 @@ mod common {
 use agent_secrets::webhook::server::MAX_BODY_BYTES;
 use common::fixtures::{fixture, to_body};
 use common::injections::secret_values;
+use common::keyring::keyring;
 use common::refusals::{assert_invalid_with_uid, message};
 use common::sealing::seal_old_object;
 use common::server::{Setup, TestServer};
@@ -191,7 +193,7 @@ async fn a_pod_whose_containers_are_a_string_is_refused_and_creates_nothing() {
 async fn a_sealed_value_that_is_not_base64_is_denied_naming_the_field() {
     let server = TestServer::start(Setup::default()).await;
     let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
-    seal_old_object(&mut review, &server.keyring(), Some("fixture-plaintext-pg"));
+    seal_old_object(&mut review, &keyring(&server), Some("fixture-plaintext-pg"));
     let mut sealed = review["request"]["oldObject"]["spec"]["sealed"].clone();
     sealed["nonce"] = json!("!!not*base64!!");
     review["request"]["object"]["spec"]["sealed"] = sealed;

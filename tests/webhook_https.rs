@@ -7,6 +7,7 @@ mod common {
     pub mod client;
     pub mod fixtures;
     pub mod injections;
+    pub mod keyring;
     pub mod sealing;
     pub mod serve;
     pub mod server;
@@ -19,6 +20,7 @@ use agent_secrets::webhook::{Policy, Principal};
 use common::answers::patched;
 use common::fixtures::*;
 use common::injections::{annotation, secret_values};
+use common::keyring::keyring;
 use common::sealing::seal_old_object;
 use common::serve::serve;
 use common::server::{Setup, TestServer};
@@ -75,7 +77,7 @@ async fn client_side_apply_create_is_sealed_and_scrubbed_from_last_applied() {
     assert_no_fixture_plaintext(&stored);
     assert!(stored["spec"].get("value").is_none());
     assert_eq!(
-        opens_to(&server.keyring(), &stored, "alice"),
+        opens_to(&keyring(&server), &stored, "alice"),
         "fixture-plaintext-AAAAXXXX"
     );
     assert_eq!(stored["spec"]["sealed"]["keyId"], "test-kek");
@@ -126,14 +128,14 @@ async fn kubectl_create_and_server_side_apply_are_sealed() {
         assert_no_fixture_plaintext(&stored);
         assert!(stored["spec"].get("value").is_none());
         assert_eq!(
-            opens_to(&server.keyring(), &stored, owner),
+            opens_to(&keyring(&server), &stored, owner),
             plaintext,
             "{file}"
         );
         // Bound to its owner and env name: it opens for nobody and nothing else.
         for (who, env_name) in [("mallory", env_name_of(&stored)), (owner, "OTHER_NAME")] {
             let ctx = SealContext::new(NAMESPACE, who, env_name);
-            assert!(sealed_of(&stored).open(&server.keyring(), ctx).is_err());
+            assert!(sealed_of(&stored).open(&keyring(&server), ctx).is_err());
         }
     }
 }
@@ -155,7 +157,7 @@ async fn server_dry_run_create_gets_the_same_sealing_patch() {
 async fn reapplying_the_same_value_keeps_the_stored_sealed_value() {
     let server = serve(fixture_policy()).await;
     let (path, mut review) = fixture("agentsecret_update_client_side_apply_same_value.json");
-    let old_value = seal_old_object(&mut review, &server.keyring(), None);
+    let old_value = seal_old_object(&mut review, &keyring(&server), None);
     assert_eq!(
         review["request"]["object"]["spec"]["value"].as_str(),
         Some(old_value.as_str())
@@ -183,7 +185,7 @@ async fn merge_patch_with_a_new_value_reseals() {
         .as_str()
         .unwrap()
         .to_owned();
-    let old_value = seal_old_object(&mut review, &server.keyring(), None);
+    let old_value = seal_old_object(&mut review, &keyring(&server), None);
     assert_ne!(new_value, old_value);
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true);
@@ -193,7 +195,7 @@ async fn merge_patch_with_a_new_value_reseals() {
         stored["spec"]["sealed"],
         review["request"]["oldObject"]["spec"]["sealed"]
     );
-    assert_eq!(opens_to(&server.keyring(), &stored, "bob"), new_value);
+    assert_eq!(opens_to(&keyring(&server), &stored, "bob"), new_value);
 }
 
 #[tokio::test]
@@ -202,7 +204,7 @@ async fn replace_without_value_keeps_the_stored_sealed_value() {
     let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
     assert!(review["request"]["object"]["spec"].get("value").is_none());
     assert!(review["request"]["object"]["spec"].get("sealed").is_none());
-    let old_value = seal_old_object(&mut review, &server.keyring(), None);
+    let old_value = seal_old_object(&mut review, &keyring(&server), None);
     let answer = server.review(&path, &review).await;
     assert_eq!(answer["response"]["allowed"], true);
     let stored = patched(&review["request"]["object"], &answer);
@@ -210,7 +212,7 @@ async fn replace_without_value_keeps_the_stored_sealed_value() {
         stored["spec"]["sealed"],
         review["request"]["oldObject"]["spec"]["sealed"]
     );
-    assert_eq!(opens_to(&server.keyring(), &stored, "bob"), old_value);
+    assert_eq!(opens_to(&keyring(&server), &stored, "bob"), old_value);
     assert_eq!(
         stored["spec"]["description"],
         "DB password (rotated description)"
@@ -233,7 +235,7 @@ async fn a_sealed_value_that_does_not_open_is_denied() {
     // A blob sealed for alice, pasted into bob's object.
     let env_name = env_name_of(&review["request"]["object"]).to_owned();
     let foreign =
-        agent_secrets::testing::sealed(&server.keyring(), NAMESPACE, "alice", &env_name, "stolen");
+        agent_secrets::testing::sealed(&keyring(&server), NAMESPACE, "alice", &env_name, "stolen");
     let spec = review["request"]["object"]["spec"].as_object_mut().unwrap();
     spec.remove("value");
     spec.insert("sealed".into(), serde_json::to_value(&foreign).unwrap());
@@ -276,7 +278,7 @@ async fn an_update_keeping_its_env_name_is_not_refused_as_a_duplicate() {
     let server = serve(fixture_policy()).await;
     // bob already has X_BEARER_TOKEN as "bob-x-bearer-token"; suppose a second one raced in.
     let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
-    seal_old_object(&mut review, &server.keyring(), None);
+    seal_old_object(&mut review, &keyring(&server), None);
     for object in ["object", "oldObject"] {
         review["request"][object]["spec"]["envName"] = json!("X_BEARER_TOKEN");
     }
@@ -785,35 +787,4 @@ async fn without_a_keyring_a_pod_with_secrets_is_denied() {
             .unwrap()
             .contains("no keyring")
     );
-}
-
-/// `helm test` posts charts/agent-secrets/files/helm-test-review.json to /mutate/pods over TLS
-/// and passes when the answer allows it under the same uid: the real webhook server does.
-#[tokio::test]
-async fn the_helm_test_review_is_admitted_by_the_webhook_over_tls() {
-    let body = read_repo_file("charts/agent-secrets/files/helm-test-review.json");
-    let review: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let uid = review["request"]["uid"].as_str().unwrap();
-    let server = TestServer::start(Setup::default()).await;
-    let (status, answer) = server.post("/mutate/pods", body.clone()).await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["response"]["uid"], uid);
-    assert_eq!(answer["response"]["allowed"], true, "{answer}");
-    assert!(
-        answer["response"].get("patch").is_none(),
-        "nothing is injected: {answer}"
-    );
-    assert!(server.created().is_empty(), "a dry run creates nothing");
-    // The test pod matches the answer as text: it must be compact JSON with these fields.
-    let text = serde_json::to_string(&answer).unwrap();
-    assert!(text.contains(&format!("\"uid\":\"{uid}\"")) && text.contains("\"allowed\":true"));
-    let template = read_repo_file("charts/agent-secrets/templates/tests/webhook-test.yaml");
-    assert!(
-        template.contains(&format!("'\"uid\":\"{uid}\"'")),
-        "the test pod expects this uid"
-    );
-}
-
-fn read_repo_file(path: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
 }

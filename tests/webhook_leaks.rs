@@ -9,6 +9,7 @@ mod common {
     pub mod client;
     pub mod fixtures;
     pub mod injections;
+    pub mod keyring;
     pub mod logs;
     pub mod refusals;
     pub mod sealing;
@@ -24,6 +25,7 @@ use common::fixtures::{
     NAMESPACE, STANDARD_SECRETS, fixture, fixture_policy, standard_secrets, to_body,
 };
 use common::injections::{annotation, secret_values};
+use common::keyring::keyring as served_keyring;
 use common::logs::{capture_logs, captured_logs};
 use common::refusals::{assert_invalid_with_uid, message};
 use common::sealing::seal_old_object;
@@ -165,7 +167,7 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
     // Re-apply of the same value, and an update to a new one.
     let (path, review) = fixture("agentsecret_update_client_side_apply_same_value.json");
     let mut review = with_value(&review, LEAK_SAME);
-    seal_old_object(&mut review, &server.keyring(), Some(LEAK_SAME));
+    seal_old_object(&mut review, &served_keyring(&server), Some(LEAK_SAME));
     let answer = exposed.review(&server, &path, &review).await;
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
     assert!(
@@ -175,7 +177,7 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
     );
     let (path, review) = fixture("agentsecret_update_merge_patch_new_value.json");
     let mut review = with_value(&review, LEAK_NEW);
-    seal_old_object(&mut review, &server.keyring(), Some(LEAK_OLD));
+    seal_old_object(&mut review, &served_keyring(&server), Some(LEAK_OLD));
     let answer = exposed.review(&server, &path, &review).await;
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
 
@@ -199,7 +201,7 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
         message(&answer).contains("uppercase identifier"),
         "{answer}"
     );
-    let keyring = server.keyring();
+    let keyring = served_keyring(&server);
     server.state.keyring.clear();
     let answer = exposed
         .review(&server, &path, &with_value(&review, LEAK_NO_KEYRING))
@@ -300,13 +302,13 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
             allowed_principals: vec![Principal::parse("group:sandbox-orchestrators").unwrap()],
             ..fixture_policy()
         },
-        keyring: Keyring::from_yaml(&server.keyring().to_yaml().unwrap()).unwrap(),
+        keyring: Keyring::from_yaml(&served_keyring(&server).to_yaml().unwrap()).unwrap(),
         secrets: Some(vec![agent_secret(
             NAMESPACE,
             "carol-a",
             "carol",
             "CAROL_A",
-            &server.keyring(),
+            &served_keyring(&server),
             LEAK_CAROL_A,
         )]),
         ..Setup::default()

@@ -9,6 +9,7 @@ mod common {
     pub mod client;
     pub mod fixtures;
     pub mod injections;
+    pub mod keyring;
     pub mod server;
     pub mod serving;
 }

@@ -8,6 +8,7 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod keyring;
     pub mod serve;
     pub mod server;
 }
@@ -17,6 +18,7 @@ use agent_secrets::crypto::SealContext;
 use agent_secrets::webhook::{CONTROL_PLANE_DELETERS, Policy, Principal};
 use common::answers::patched;
 use common::fixtures::{BOB_PG, NAMESPACE, fixture, fixture_policy};
+use common::keyring::keyring;
 use common::serve::serve;
 use serde_json::{Value, json};
 
@@ -57,7 +59,7 @@ async fn a_user_cannot_create_a_secret_for_another_owner() {
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
     let stored = patched(&review["request"]["object"], &answer);
     let ctx = SealContext::new(NAMESPACE, "bob", "POSTGRES_PASSWORD");
-    let plain = sealed_in(&stored).open(&server.keyring(), ctx).unwrap();
+    let plain = sealed_in(&stored).open(&keyring(&server), ctx).unwrap();
     assert_eq!(plain.expose(), b"fixture-plaintext-pg");
 }
 
@@ -128,7 +130,7 @@ async fn a_sealed_value_copied_to_another_secret_of_the_same_owner_is_refused() 
     let server = serve(fixture_policy()).await;
     // bob's POSTGRES_PASSWORD, sealed, pasted into a new secret of bob named OTHER_SECRET.
     let stolen = agent_secrets::testing::sealed(
-        &server.keyring(),
+        &keyring(&server),
         NAMESPACE,
         "bob",
         "POSTGRES_PASSWORD",
@@ -153,7 +155,7 @@ async fn renaming_a_secret_reseals_its_value_for_the_new_name() {
     let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
     // The stored object: bob's POSTGRES_PASSWORD, sealed.
     let stored = agent_secrets::testing::sealed(
-        &server.keyring(),
+        &keyring(&server),
         NAMESPACE,
         "bob",
         "POSTGRES_PASSWORD",
@@ -170,14 +172,14 @@ async fn renaming_a_secret_reseals_its_value_for_the_new_name() {
     let resealed = sealed_in(&updated);
     assert_ne!(resealed, stored);
     let renamed = SealContext::new(NAMESPACE, "bob", "DB_PASSWORD");
-    let plain = resealed.open(&server.keyring(), renamed).unwrap();
+    let plain = resealed.open(&keyring(&server), renamed).unwrap();
     assert_eq!(plain.expose(), b"the-password");
     assert_eq!(
         resealed.sealed_at, stored.sealed_at,
         "the seal time is kept"
     );
     let old_name = SealContext::new(NAMESPACE, "bob", "POSTGRES_PASSWORD");
-    assert!(resealed.open(&server.keyring(), old_name).is_err());
+    assert!(resealed.open(&keyring(&server), old_name).is_err());
 }
 
 #[tokio::test]

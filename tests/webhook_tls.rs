@@ -8,6 +8,7 @@ mod common {
     pub mod client;
     pub mod fixtures;
     pub mod injections;
+    pub mod keyring;
     pub mod logs;
     pub mod server;
     pub mod serving;

@@ -197,11 +197,6 @@ impl TestServer {
         body
     }
 
-    /// The keyring the cache is sealed under.
-    pub fn keyring(&self) -> Arc<Keyring> {
-        self.state.keyring.current().unwrap()
-    }
-
     /// The pod-scoped Secrets created so far.
     pub fn created(&self) -> Vec<Secret> {
         self.writer.created.lock().unwrap().clone()

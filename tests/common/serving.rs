@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::answers::patched;
 use super::fixtures::{ALICE_NOTION, ALICE_OPENAI, ALICE_X, NAMESPACE, fixture};
 use super::injections::{annotation, secret_values};
+use super::keyring::keyring;
 use super::server::TestServer;
 
 /// What alice's sandbox pod in the fixtures' namespace receives.
@@ -59,7 +60,7 @@ pub async fn assert_still_serving(server: &TestServer, after: &str) {
     let env_name = stored["spec"]["envName"].as_str().unwrap();
     let plain = sealed
         .open(
-            &server.keyring(),
+            &keyring(server),
             SealContext::new(NAMESPACE, "bob", env_name),
         )
         .unwrap();
