@@ -23,7 +23,6 @@ use crate::crypto::KeyringHandle;
 use crate::telemetry::Metrics;
 use crate::webhook::server::{self, AppState, KubeSecretWriter};
 
-
 /// The webhook's TLS configuration once both files exist and load, checked every 2 s; `None`
 /// when stopped first.
 async fn wait_for_tls(
