@@ -11,7 +11,9 @@ resourceVersion varied. Plain HTTP on 127.0.0.1, no authentication. It answers w
   open until `timeoutSeconds`, a BOOKMARK at the start and every 60 s when asked, no changes);
   status and merge PATCHes are accepted and answered with the object as patched (not stored).
 - Secrets (metadata-only, PartialObjectMetadataList) and Pods: empty LISTs and idle WATCHes.
-- Leases: one in-memory Lease per name (get, create, replace).
+- Leases: one in-memory Lease per name (get, create, replace); with --foreign-lease, one held
+  by another replica, so the operator never leads and runs no controller (its webhook cache
+  alone is then measured).
 - Events (events.k8s.io/v1): POST and PATCH accepted and echoed.
 
 Objects are generated page by page from a JSON template, so the server's own memory stays
@@ -361,8 +363,28 @@ def main():
     parser.add_argument("--fixture", default="tests/fixtures/api/agentsecrets_list.json")
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--stats-file", help="request counts are written here every 2 s")
+    parser.add_argument(
+        "--foreign-lease",
+        metavar="NAMESPACE/NAME",
+        help="a Lease held by another replica for an hour, so the operator never leads",
+    )
     args = parser.parse_args()
     state = State(Objects(args.fixture, args.objects))
+    if args.foreign_lease:
+        namespace, name = args.foreign_lease.split("/", 1)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        state.leases[(namespace, name)] = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1"},
+            "spec": {
+                "holderIdentity": "another-replica",
+                "leaseDurationSeconds": 3600,
+                "acquireTime": now,
+                "renewTime": now,
+                "leaseTransitions": 0,
+            },
+        }
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
     server.daemon_threads = True
     with open(args.port_file, "w", encoding="utf-8") as f:
