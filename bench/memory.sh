@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 counts=("$@")
 [ ${#counts[@]} -eq 0 ] && counts=(10000 100000)
-settle=${SETTLE_SECONDS:-15}
+settle=${SETTLE_SECONDS:-10}
 # The first controller pass writes a status per object (see above): at 100 000 objects it
 # takes longer than is worth waiting for, so it is watched for this long at most.
 pass_limit=${PASS_SECONDS:-60}
