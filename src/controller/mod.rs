@@ -238,34 +238,58 @@ pub async fn run_controllers(
     tokio::join!(agentsecrets, pod_secrets);
 }
 
+/// The annotation client-side apply fills with a copy of the whole manifest.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drop what no reconcile reads before an AgentSecret is stored: its managed fields and the
+/// last-applied copy of its manifest are most of an object as the API server lists it, and the
+/// controller's store holds every AgentSecret of the cluster.
+pub fn strip_for_store(object: &mut AgentSecret) {
+    object.metadata.managed_fields = None;
+    if let Some(annotations) = object.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+        if annotations.is_empty() {
+            object.metadata.annotations = None;
+        }
+    }
+}
+
 async fn agentsecret_controller(ctx: Arc<Context>, shutdown: Shutdown) {
-    Controller::new(
-        kube::Api::<AgentSecret>::all(ctx.client.clone()),
-        watcher::Config::default(),
+    let (reader, writer) = reflector::store::<AgentSecret>();
+    let objects = reflector(
+        writer,
+        watcher(
+            kube::Api::<AgentSecret>::all(ctx.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(strip_for_store),
     )
-    .with_config(ctx.controller_config())
-    .reconcile_all_on(keyring_changes(&ctx.keyring))
-    .graceful_shutdown_on(shutdown)
-    .run(
-        |object, ctx: Arc<Context>| async move {
-            let key = object_key(object.as_ref());
-            let result = agentsecret::reconcile(object, ctx.clone()).await;
-            if result.is_ok() {
-                ctx.succeeded(&key);
-                ctx.record("ok");
-            }
-            result
-        },
-        |object: Arc<AgentSecret>, error: &Error, ctx: Arc<Context>| {
-            ctx.record("error");
-            let key = object_key(object.as_ref());
-            tracing::warn!(object = key, %error, "AgentSecret reconcile failed; retrying");
-            Action::requeue(ctx.backoff(key))
-        },
-        ctx.clone(),
-    )
-    .for_each(|_| futures::future::ready(()))
-    .await;
+    .applied_objects();
+    Controller::for_stream(objects, reader)
+        .with_config(ctx.controller_config())
+        .reconcile_all_on(keyring_changes(&ctx.keyring))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            |object, ctx: Arc<Context>| async move {
+                let key = object_key(object.as_ref());
+                let result = agentsecret::reconcile(object, ctx.clone()).await;
+                if result.is_ok() {
+                    ctx.succeeded(&key);
+                    ctx.record("ok");
+                }
+                result
+            },
+            |object: Arc<AgentSecret>, error: &Error, ctx: Arc<Context>| {
+                ctx.record("error");
+                let key = object_key(object.as_ref());
+                tracing::warn!(object = key, %error, "AgentSecret reconcile failed; retrying");
+                Action::requeue(ctx.backoff(key))
+            },
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()))
+        .await;
 }
 
 async fn pod_secret_controller(ctx: Arc<Context>, scope: &WatchScope, shutdown: Shutdown) {
@@ -352,8 +376,52 @@ pub const CONTROLLER_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::ResourceExt as _;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn stored_agentsecrets_lose_managed_fields_and_the_last_applied_manifest_only() {
+        let list: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/api/agentsecrets_list.json"
+        ))
+        .unwrap();
+        let listed: AgentSecret = serde_json::from_value(list["items"][0].clone()).unwrap();
+        assert!(listed.metadata.managed_fields.is_some());
+        assert!(listed.annotations().contains_key(LAST_APPLIED_ANNOTATION));
+
+        let mut stored = listed.clone();
+        strip_for_store(&mut stored);
+        assert_eq!(stored.metadata.managed_fields, None);
+        assert_eq!(stored.metadata.annotations, None);
+        assert_eq!(stored.spec, listed.spec);
+        assert_eq!(stored.status, listed.status);
+        assert_eq!(stored.metadata.uid, listed.metadata.uid);
+        assert_eq!(
+            stored.metadata.resource_version,
+            listed.metadata.resource_version
+        );
+        assert_eq!(stored.metadata.generation, listed.metadata.generation);
+
+        // Other annotations stay.
+        let mut annotated = listed;
+        annotated
+            .annotations_mut()
+            .insert("example.com/note".into(), "kept".into());
+        strip_for_store(&mut annotated);
+        assert_eq!(
+            annotated
+                .annotations()
+                .get("example.com/note")
+                .map(String::as_str),
+            Some("kept")
+        );
+        assert!(
+            !annotated
+                .annotations()
+                .contains_key(LAST_APPLIED_ANNOTATION)
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_limit_grants_one_slot_per_interval_and_promises_the_next_ones() {
