@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "# machine: $(nproc) cores, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-cargo build --locked --release --bin agentsecrets --example admission_load
+# The benchmark mode (`run --bench-synthetic-cache`) exists only in builds with the `bench` feature.
+cargo build --locked --release --features bench --bin agentsecrets --example admission_load
 
 echo
 echo "## In-process (criterion; median time per operation)"

@@ -3,8 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SecretString};
-use agent_secrets::cache::{SecretIndex, synthetic};
+use agent_secrets::cache::SecretIndex;
 use agent_secrets::crypto::{Keyring, SealContext};
+use agent_secrets::testing::synthetic;
 use agent_secrets::webhook::review::{PodView, Request, Review};
 use agent_secrets::webhook::{Policy, agentsecret, pod};
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};

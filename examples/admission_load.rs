@@ -7,12 +7,12 @@
 //! latency percentiles, errors, the ratio ours/baseline (median of pairwise ratios), peak RSS
 //! at 10 000 and 100 000 cached AgentSecrets, and the CPU cost of re-wrapping 100 000 keys.
 //!
-//! Run via `bench/run.sh`, or: `cargo build --release && cargo run --release --example
+//! Run via `bench/run.sh`, or: `cargo build --release --features bench && cargo run --release --example
 //! admission_load -- --help`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use agent_secrets::cache::synthetic;
 use agent_secrets::crypto::Keyring;
+use agent_secrets::testing::synthetic;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
@@ -63,7 +63,7 @@ fn options() -> Options {
             "-h" | "--help" => {
                 println!(
                     "admission_load [--connections 64] [--seconds 8] [--rounds 3] [--log info] [--quick]\n\
-                     Needs target/release/agentsecrets (cargo build --release)."
+                     Needs target/release/agentsecrets built with the bench feature (cargo build --release --features bench)."
                 );
                 std::process::exit(0);
             }
@@ -184,7 +184,7 @@ fn release_binary() -> PathBuf {
     let bin = exe.parent().unwrap().parent().unwrap().join("agentsecrets");
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo build --release` first",
+        "{} is missing: run `cargo build --release --features bench` first",
         bin.display()
     );
     bin

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{AgentSecret, AgentSecretSpec, SealedValue};
-use crate::cache::SecretIndex;
+use crate::cache::{CachedSecret, SecretIndex};
 use crate::controller::{Context, Settings};
 use crate::crypto::{Keyring, KeyringHandle, SealContext};
 use crate::telemetry::Metrics;
+use crate::webhook::server::{Created, SecretWriter, WriteError};
 
 /// A fixed seal time (2027-01-15T08:00:00Z), so sealed values and statuses are reproducible.
 pub const SEALED_AT: i64 = 1_800_000_000;
@@ -185,5 +186,47 @@ pub async fn verify(mut handle: ApiServerHandle, expected: Vec<Expect>) {
     let extra = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
     if let Ok(Some((request, _))) = extra {
         panic!("unexpected request {} {}", request.method(), request.uri());
+    }
+}
+
+/// `owners` × `per_owner` AgentSecrets in `namespace` sealed under `keyring`'s primary:
+/// owners `user-0`…, env names `SECRET_0`…. For benchmarks and load tests, and the benchmark mode of `run` (`bench` feature).
+pub fn synthetic(
+    keyring: &crate::crypto::Keyring,
+    namespace: &str,
+    owners: usize,
+    per_owner: usize,
+) -> Result<Vec<CachedSecret>, crate::crypto::CryptoError> {
+    let mut secrets = Vec::with_capacity(owners.saturating_mul(per_owner));
+    for o in 0..owners {
+        let owner = format!("user-{o}");
+        for s in 0..per_owner {
+            let value = format!("synthetic-value-{o}-{s}");
+            let env_name = format!("SECRET_{s}");
+            let ctx = crate::crypto::SealContext::new(namespace, &owner, &env_name);
+            let sealed = keyring.seal(value.as_bytes(), ctx, crate::api::now_seconds())?;
+            secrets.push(CachedSecret {
+                namespace: namespace.to_owned(),
+                name: format!("{owner}-secret-{s}"),
+                owner: owner.clone(),
+                env_name,
+                sealed: Some(Ok(sealed)),
+            });
+        }
+    }
+    Ok(secrets)
+}
+
+/// Creates nothing: the benchmark mode of `run` (`bench` feature), where no cluster exists.
+#[derive(Debug, Clone, Copy)]
+pub struct DiscardingWriter;
+
+impl SecretWriter for DiscardingWriter {
+    fn create(
+        &self,
+        secret: k8s_openapi::api::core::v1::Secret,
+    ) -> futures::future::BoxFuture<'_, Result<Created, WriteError>> {
+        drop(secret);
+        Box::pin(std::future::ready(Ok(Created::New)))
     }
 }

@@ -1186,3 +1186,15 @@ fn the_krew_manifest_parses_and_installs_this_binary() {
     assert_eq!(selected.len(), platforms.len(), "one entry per platform");
     assert!(selected.contains(&("linux".into(), "amd64".into())));
 }
+
+#[test]
+fn the_product_binary_has_no_benchmark_mode() {
+    // `--bench-synthetic-cache` exists only in builds with the `bench` feature (bench/run.sh).
+    let output = agentsecrets(&["run", "--bench-synthetic-cache", "1x1"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("unexpected argument '--bench-synthetic-cache'"),
+        "{}",
+        stderr(&output)
+    );
+}

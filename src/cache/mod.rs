@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::api::{AgentSecret, SealedError};
-use crate::crypto::{CryptoError, Envelope};
+use crate::crypto::Envelope;
 
 /// What admission knows about one AgentSecret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,34 +279,6 @@ impl SecretIndex {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// `owners` × `per_owner` AgentSecrets in `namespace` sealed under `keyring`'s primary:
-/// owners `user-0`…, env names `SECRET_0`…. For benchmarks and load tests.
-pub fn synthetic(
-    keyring: &crate::crypto::Keyring,
-    namespace: &str,
-    owners: usize,
-    per_owner: usize,
-) -> Result<Vec<CachedSecret>, CryptoError> {
-    let mut secrets = Vec::with_capacity(owners.saturating_mul(per_owner));
-    for o in 0..owners {
-        let owner = format!("user-{o}");
-        for s in 0..per_owner {
-            let value = format!("synthetic-value-{o}-{s}");
-            let env_name = format!("SECRET_{s}");
-            let ctx = crate::crypto::SealContext::new(namespace, &owner, &env_name);
-            let sealed = keyring.seal(value.as_bytes(), ctx, crate::api::now_seconds())?;
-            secrets.push(CachedSecret {
-                namespace: namespace.to_owned(),
-                name: format!("{owner}-secret-{s}"),
-                owner: owner.clone(),
-                env_name,
-                sealed: Some(Ok(sealed)),
-            });
-        }
-    }
-    Ok(secrets)
 }
 
 #[cfg(test)]

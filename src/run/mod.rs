@@ -3,9 +3,7 @@
 
 mod args;
 
-pub use args::{
-    BootstrapArgs, PolicyArgs, RunArgs, operator_username, parse_duration, parse_synthetic,
-};
+pub use args::{BootstrapArgs, PolicyArgs, RunArgs, operator_username, parse_duration};
 
 use anyhow::Context as _;
 use axum_server::tls_rustls::RustlsConfig;
@@ -76,9 +74,15 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         sandbox_namespaces,
         reload_interval,
         bootstrap,
+        #[cfg(feature = "bench")]
         bench_synthetic_cache,
         log_format,
     } = args;
+    // Benchmark builds only: a synthetic cache instead of a cluster.
+    #[cfg(feature = "bench")]
+    let synthetic = bench_synthetic_cache;
+    #[cfg(not(feature = "bench"))]
+    let synthetic: Option<(usize, usize)> = None;
     let sandbox_scopes = sandbox_scopes(&sandbox_namespaces);
     let identity = identity
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -91,7 +95,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         );
     }
 
-    let client = match bench_synthetic_cache {
+    let client = match synthetic {
         Some(_) => None,
         None => Some(
             kube::Client::try_default()
@@ -110,9 +114,12 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let index = Arc::new(SecretIndex::with_watch_failure_grace(watch_failure_grace));
     let metrics = Arc::new(Metrics::default());
     let pod_secrets = Arc::new(PodSecretIndex::default());
-    if let Some((owners, per_owner)) = bench_synthetic_cache {
+    #[cfg(feature = "bench")]
+    if let Some((owners, per_owner)) = synthetic {
         let ring = crate::crypto::Keyring::load(&keyring)?;
-        index.replace_all(crate::cache::synthetic(&ring, "bench", owners, per_owner)?);
+        index.replace_all(crate::testing::synthetic(
+            &ring, "bench", owners, per_owner,
+        )?);
         keyring_handle.replace(ring);
         tracing::warn!(
             secrets = index.len(),
@@ -123,7 +130,10 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         Some(client) => Arc::new(KubeSecretWriter {
             client: client.clone(),
         }),
-        None => Arc::new(server::DiscardingWriter),
+        #[cfg(feature = "bench")]
+        None => Arc::new(crate::testing::DiscardingWriter),
+        #[cfg(not(feature = "bench"))]
+        None => anyhow::bail!("no Kubernetes client is configured"),
     };
     let state = AppState {
         keyring: keyring_handle.clone(),

@@ -35,17 +35,6 @@ pub trait SecretWriter: Send + Sync + 'static {
     fn create(&self, secret: Secret) -> BoxFuture<'_, Result<Created, WriteError>>;
 }
 
-/// Creates nothing: the benchmark mode of `run`, where no cluster exists.
-#[derive(Debug, Clone, Copy)]
-pub struct DiscardingWriter;
-
-impl SecretWriter for DiscardingWriter {
-    fn create(&self, secret: Secret) -> BoxFuture<'_, Result<Created, WriteError>> {
-        drop(secret);
-        Box::pin(std::future::ready(Ok(Created::New)))
-    }
-}
-
 /// Creates Secrets through the Kubernetes API.
 #[derive(Clone)]
 pub struct KubeSecretWriter {
