@@ -57,7 +57,7 @@ fn options() -> Options {
                 continue;
             }
             "--serve-baseline" => {
-                serve_baseline(&args[i + 1], &args[i + 2], &args[i + 3]);
+                serve_baseline(&args[i + 1], &args[i + 2], &args[i + 3], args.get(i + 4));
                 std::process::exit(0);
             }
             "-h" | "--help" => {
@@ -74,8 +74,10 @@ fn options() -> Options {
     options
 }
 
-/// The baseline server: axum + rustls answering a constant allowed review.
-fn serve_baseline(addr: &str, cert: &str, key: &str) {
+/// The baseline server: axum + rustls answering a constant review: "allowed" alone, or the
+/// contents of `body_file` (one of our own answers, patch included, so the bytes on the wire
+/// and through TLS are the same as ours).
+fn serve_baseline(addr: &str, cert: &str, key: &str, body_file: Option<&String>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,11 +85,17 @@ fn serve_baseline(addr: &str, cert: &str, key: &str) {
     runtime.block_on(async {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.unwrap();
-        let body = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#;
+        let body = match body_file {
+            Some(path) => Bytes::from(std::fs::read(path).unwrap()),
+            None => Bytes::from_static(
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#,
+            ),
+        };
         let app = axum::Router::new().route(
             "/mutate/pods",
-            axum::routing::post(move |_body: Bytes| async move {
-                ([(axum::http::header::CONTENT_TYPE, "application/json")], body)
+            axum::routing::post(move |_body: Bytes| {
+                let body = body.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
             }),
         );
         axum_server::bind_rustls(addr.parse::<SocketAddr>().unwrap(), tls)
@@ -252,16 +260,18 @@ async fn start_ours(files: &Files, owners: usize, per_owner: usize, log: &str) -
     server
 }
 
-async fn start_baseline(files: &Files) -> Server {
+async fn start_baseline(files: &Files, body_file: Option<&std::path::Path>) -> Server {
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut args = vec![
+        "--serve-baseline".to_owned(),
+        addr.to_string(),
+        files.cert.to_str().unwrap().to_owned(),
+        files.key.to_str().unwrap().to_owned(),
+    ];
+    args.extend(body_file.map(|p| p.to_str().unwrap().to_owned()));
     let child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--serve-baseline",
-            &addr.to_string(),
-            files.cert.to_str().unwrap(),
-            files.key.to_str().unwrap(),
-        ])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -432,6 +442,36 @@ async fn load(
     result
 }
 
+/// One answer of `addr` to `body`.
+async fn fetch_one(addr: SocketAddr, ca_der: &[u8], body: Bytes) -> Bytes {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der.to_vec()))
+        .unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::post("/mutate/pods")
+        .header("content-type", "application/json")
+        .header("host", "localhost")
+        .body(Full::new(body))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    response.into_body().collect().await.unwrap().to_bytes()
+}
+
 /// Our answers must carry a patch: an "allowed" without one would mean nothing was injected.
 fn memchr_patch(bytes: &[u8]) -> bool {
     bytes.windows(8).any(|w| w == b"\"patch\":")
@@ -503,9 +543,16 @@ async fn run(options: Options) {
     let (_, _, ours) = memory.pop().unwrap();
     let (small_count, small_idle, small_server) = memory.pop().unwrap();
     let big_idle = ours.rss_mib();
-    let baseline = start_baseline(&files).await;
+    let baseline = start_baseline(&files, None).await;
 
     let dry = Arc::new(pod_bodies(5_000, true));
+    // The second baseline answers every review with one of our own answers, byte for byte.
+    let answer = fetch_one(ours.addr, &files.ca_der, dry[0].clone()).await;
+    assert!(memchr_patch(&answer), "our answer carries no patch");
+    let answer_file = files._dir.path().join("answer.json");
+    std::fs::write(&answer_file, &answer).unwrap();
+    let patch_baseline = start_baseline(&files, Some(&answer_file)).await;
+    let mut patch_ratios = Vec::new();
     let create = Arc::new(pod_bodies(5_000, false));
     let mut rows = Vec::new();
     let mut throughput_ratios = Vec::new();
@@ -529,7 +576,17 @@ async fn run(options: Options) {
             true,
         )
         .await;
+        let patch_base = load_measured(
+            &patch_baseline,
+            &files.ca_der,
+            dry.clone(),
+            options.connections,
+            options.duration,
+            true,
+        )
+        .await;
         throughput_ratios.push(pure.rps() / base.rps());
+        patch_ratios.push(pure.rps() / patch_base.rps());
         p99_ratios.push(pure.percentile_ms(0.99) / base.percentile_ms(0.99));
         let with_secret = load_measured(
             &ours,
@@ -541,6 +598,11 @@ async fn run(options: Options) {
         )
         .await;
         rows.push((round, "baseline (constant allowed)", base));
+        rows.push((
+            round,
+            "baseline (constant patch, our answer's bytes)",
+            patch_base,
+        ));
         rows.push((round, "ours: pod admission, dryRun", pure));
         rows.push((round, "ours: pod admission + Secret (stub)", with_secret));
     }
@@ -607,6 +669,12 @@ async fn run(options: Options) {
         options.connections,
         median(throughput_ratios),
         median(p99_ratios)
+    );
+    println!(
+        "ours/constant-patch baseline at {} connections (answer of {} bytes): throughput {:.2}x",
+        options.connections,
+        answer.len(),
+        median(patch_ratios)
     );
     println!(
         "ours/baseline at 1 connection: throughput {:.2}x",
