@@ -195,3 +195,84 @@ async fn identity_is_accepted_only_with_the_proxys_client_certificate() {
         "a certificate from another CA is refused: {refused:?}"
     );
 }
+
+/// The certificate a TLS server at `addr` presents, trusting any of `cas`.
+async fn served_certificate(addr: SocketAddr, cas: &[&str]) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+            .unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (first_ca, renewed_ca) = (ca(), ca());
+    let first = leaf(&first_ca, "localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let renewed = leaf(
+        &renewed_ca,
+        "localhost",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let files = agent_secrets::ui::TlsFiles {
+        cert: dir.path().join("tls.crt"),
+        key: dir.path().join("tls.key"),
+        client_ca: None,
+    };
+    std::fs::write(&files.cert, &first.0).unwrap();
+    std::fs::write(&files.key, &first.1).unwrap();
+    let config = RustlsConfig::from_config(
+        agent_secrets::ui::tls_config(&files.cert, &files.key, None).unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = axum_server::from_tcp(listener)
+        .unwrap()
+        .acceptor(RustlsAcceptor::new(config.clone()));
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move { server.serve(app.into_make_service()).await.unwrap() });
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(agent_secrets::ui::watch_tls(
+        config,
+        files.clone(),
+        std::time::Duration::from_millis(50),
+        stop.clone().cancelled_owned(),
+    ));
+    let cas = [first_ca.pem(), renewed_ca.pem()];
+    let cas: Vec<&str> = cas.iter().map(String::as_str).collect();
+    let first_der = CertificateDer::from_pem_slice(first.0.as_bytes()).unwrap();
+    assert_eq!(served_certificate(addr, &cas).await, first_der.to_vec());
+
+    // A half-written renewal (new certificate, old key) is not served; the old one stays.
+    std::fs::write(&files.cert, &renewed.0).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(served_certificate(addr, &cas).await, first_der.to_vec());
+
+    std::fs::write(&files.key, &renewed.1).unwrap();
+    let renewed_der = CertificateDer::from_pem_slice(renewed.0.as_bytes()).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if served_certificate(addr, &cas).await == renewed_der.to_vec() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate is not served after 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+}

@@ -106,6 +106,11 @@ pub struct UiArgs {
     /// replicas [default: a random key per process, fine for one replica].
     #[arg(long, env = "AGENTSECRETS_UI_CSRF_KEY_FILE")]
     pub csrf_key_file: Option<PathBuf>,
+    /// How often --tls-cert, --tls-key and --proxy-client-ca are checked for changes; a
+    /// changed set is served to new connections without a restart (cert-manager renews in
+    /// place).
+    #[arg(long, env = "AGENTSECRETS_UI_RELOAD_INTERVAL", default_value = "10s", value_parser = crate::run::parse_duration)]
+    pub reload_interval: std::time::Duration,
     /// Log format.
     #[arg(
         long,
@@ -132,6 +137,7 @@ impl UiArgs {
             namespace_template,
             reserved_env_names,
             csrf_key_file: _,
+            reload_interval: _,
             log_format: _,
         } = self;
         if trusted_proxy_cidrs.is_empty() && proxy_client_ca.is_none() {
@@ -232,9 +238,21 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
                 crate::signal::termination().await;
                 stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
             });
-            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
-                axum_server::tls_rustls::RustlsConfig::from_config(config),
-            );
+            let rustls_config = axum_server::tls_rustls::RustlsConfig::from_config(config);
+            if let (Some(cert), Some(key)) = (args.tls_cert.clone(), args.tls_key.clone()) {
+                let files = TlsFiles {
+                    cert,
+                    key,
+                    client_ca: args.proxy_client_ca.clone(),
+                };
+                tokio::spawn(watch_tls(
+                    rustls_config.clone(),
+                    files,
+                    args.reload_interval,
+                    crate::signal::termination(),
+                ));
+            }
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls_config);
             axum_server::bind(args.addr)
                 .acceptor(server::ProxyCertificateAcceptor::new(acceptor))
                 .handle(handle)
@@ -253,6 +271,61 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The files the page's TLS configuration is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files' bytes, to notice a change; `None` while one cannot be read.
+    fn contents(&self) -> Option<Vec<Vec<u8>>> {
+        let mut all = vec![
+            std::fs::read(&self.cert).ok()?,
+            std::fs::read(&self.key).ok()?,
+        ];
+        if let Some(ca) = &self.client_ca {
+            all.push(std::fs::read(ca).ok()?);
+        }
+        Some(all)
+    }
+}
+
+/// Serve a changed certificate, key or client CA to new connections: check `files` every
+/// `interval` until `shutdown`. The files as they are when this is called are the baseline;
+/// a set that does not load (half-written) is retried on the next tick.
+pub async fn watch_tls(
+    tls: axum_server::tls_rustls::RustlsConfig,
+    files: TlsFiles,
+    interval: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut last = files.contents();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let current = files.contents();
+        if current.is_none() || current == last {
+            continue;
+        }
+        match tls_config(&files.cert, &files.key, files.client_ca.as_deref()) {
+            Ok(config) => {
+                tls.reload_from_config(config);
+                tracing::info!(cert = %files.cert.display(), "TLS certificate of the Secrets page reloaded");
+                last = current;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "TLS certificate of the Secrets page not reloaded")
+            }
+        }
+    }
 }
 
 /// The server's TLS configuration; with `client_ca`, client certificates it signed are
