@@ -238,8 +238,7 @@ pub fn event_for(object: &AgentSecret, plan: &Plan) -> Option<Event> {
 /// Only states that something outside this object resolves are requeued. Everything else
 /// waits for a change: an edit of the object triggers its reconcile, a keyring change
 /// triggers every object's, and a relist of the watch triggers them all again. A periodic
-/// requeue would keep a scheduler entry per object alive for as long as it exists (about
-/// 0.6 KB each, 60 MiB at 100 000 objects) for nothing.
+/// requeue would keep a scheduler entry per object alive for as long as it exists.
 fn next_action(readiness: &Readiness) -> Action {
     match readiness {
         Readiness::Ready
