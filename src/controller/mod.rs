@@ -5,6 +5,7 @@
 pub mod agentsecret;
 pub mod lease;
 pub mod podsecret;
+pub mod rotation;
 
 use futures::StreamExt as _;
 use futures::future::{BoxFuture, Shared};
@@ -96,6 +97,16 @@ impl RateLimiter {
         state.promised.insert(key.to_owned(), slot);
         Err(slot - now)
     }
+
+    /// Whether a caller was promised a slot it has not claimed yet (and may still claim).
+    pub fn has_promises(&self) -> bool {
+        let now = Instant::now();
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .promised
+            .values()
+            .any(|slot| *slot + PROMISE_EXPIRY > now)
+    }
 }
 
 /// How the controllers run; [`Settings::default`] matches the flags' defaults.
@@ -131,7 +142,11 @@ pub struct Context {
     pub keyring: KeyringHandle,
     pub index: Arc<SecretIndex>,
     pub recorder: Recorder,
+    /// Who records events, for recorders other than `recorder`.
+    pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
+    /// Re-wraps of the key rotation round in progress.
+    pub rotation: rotation::RotationTracker,
     pub rewrap_limiter: RateLimiter,
     pub pod_secret_grace: Duration,
     pub max_concurrent_reconciles: u16,
@@ -154,19 +169,19 @@ impl Context {
             sandbox_scopes,
             reporter_instance,
         } = settings;
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: crate::api::FIELD_MANAGER.into(),
-                instance: reporter_instance,
-            },
-        );
+        let reporter = Reporter {
+            controller: crate::api::FIELD_MANAGER.into(),
+            instance: reporter_instance,
+        };
+        let recorder = Recorder::new(client.clone(), reporter.clone());
         Self {
             client,
             keyring,
             index,
             recorder,
+            reporter,
             metrics,
+            rotation: rotation::RotationTracker::default(),
             rewrap_limiter: RateLimiter::per_second(rewrap_per_second),
             pod_secret_grace,
             max_concurrent_reconciles,
@@ -370,6 +385,8 @@ pub async fn run_controller_while_leader(
 ) -> Result<(), LeaseError> {
     let stopped = stop.clone();
     let metrics = ctx.metrics.clone();
+    // Operator-wide events (a rotation round's summary) are recorded on the leader Lease.
+    let lease = rotation::lease_reference(elector.api.namespace(), &elector.name);
     elector
         .lead_reporting(
             stop,
@@ -386,8 +403,15 @@ pub async fn run_controller_while_leader(
                     stopped.cancelled().await;
                     tokio::time::sleep(CONTROLLER_SHUTDOWN_GRACE).await;
                 };
+                let controllers = async {
+                    tokio::select! {
+                        () = run_controllers(ctx.clone(), shutdown) => {}
+                        () = rotation::report_rotations(ctx.clone(), lease.clone()) => {}
+                    }
+                    rotation::report_unfinished_rotation(&ctx, &lease).await;
+                };
                 tokio::select! {
-                    () = run_controllers(ctx, shutdown) => tracing::info!("controllers stopped"),
+                    () = controllers => tracing::info!("controllers stopped"),
                     () = overdue => tracing::warn!(
                         grace = ?CONTROLLER_SHUTDOWN_GRACE,
                         "controllers did not stop gracefully in time; stopped at once"
@@ -512,6 +536,22 @@ mod tests {
                 "{line} missing from\n{text}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn promises_are_pending_until_claimed_or_expired() {
+        let limiter = RateLimiter::per_second(1);
+        assert!(!limiter.has_promises());
+        assert_eq!(limiter.try_acquire("a"), Ok(()));
+        assert!(!limiter.has_promises(), "a slot taken at once is no promise");
+        assert!(limiter.try_acquire("b").is_err());
+        assert!(limiter.try_acquire("gone").is_err());
+        assert!(limiter.has_promises());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(limiter.try_acquire("b"), Ok(()));
+        assert!(limiter.has_promises(), "\"gone\" may still come back");
+        tokio::time::advance(PROMISE_EXPIRY + Duration::from_secs(2)).await;
+        assert!(!limiter.has_promises());
     }
 
     #[tokio::test(start_paused = true)]
