@@ -220,7 +220,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Set the AgentSecrets-per-key gauge from `counts` on the leader only: every replica
     /// caches every AgentSecret, and a sum over replicas must not multiply the count by the
-    /// replica count. A follower exports the metric with no series (and counts nothing).
+    /// replica count. A follower exports no series of it (and counts nothing).
     pub fn set_key_usage<I>(&self, counts: impl FnOnce() -> I)
     where
         I: IntoIterator<Item = (String, usize)>,

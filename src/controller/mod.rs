@@ -543,7 +543,10 @@ mod tests {
         let limiter = RateLimiter::per_second(1);
         assert!(!limiter.has_promises());
         assert_eq!(limiter.try_acquire("a"), Ok(()));
-        assert!(!limiter.has_promises(), "a slot taken at once is no promise");
+        assert!(
+            !limiter.has_promises(),
+            "a slot taken at once is no promise"
+        );
         assert!(limiter.try_acquire("b").is_err());
         assert!(limiter.try_acquire("gone").is_err());
         assert!(limiter.has_promises());
