@@ -249,9 +249,10 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    /// The samples (not the HELP/TYPE lines) of `name` in the exposition.
+    /// The samples (not the HELP/TYPE lines) of `name` in the exposition, sorted (a family's
+    /// series come in no particular order).
     fn samples(metrics: &Metrics, name: &str) -> Vec<String> {
-        metrics
+        let mut samples: Vec<String> = metrics
             .encode()
             .lines()
             .filter(|line| {
@@ -261,7 +262,9 @@ mod tests {
                         .is_some_and(|rest| rest.starts_with(['{', ' ']))
             })
             .map(str::to_owned)
-            .collect()
+            .collect();
+        samples.sort();
+        samples
     }
 
     #[test]
@@ -308,6 +311,9 @@ mod tests {
         metrics.leader.set(0);
         metrics.set_key_usage(counts);
         assert!(samples(&metrics, "agentsecrets_agentsecrets").is_empty());
+        metrics.set_key_usage(|| -> Vec<(String, usize)> {
+            panic!("a follower does not count AgentSecrets")
+        });
     }
 
     #[test]

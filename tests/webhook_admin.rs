@@ -88,11 +88,15 @@ async fn agentsecrets_per_key_are_exported_only_while_this_replica_leads() {
         "ns", "c", "alice", "OTHER", &ring, "v",
     )));
     let state = admin_state(KeyringHandle::new(ring), index);
+    // Sorted: a family's series come in no particular order.
     let per_key = |text: &str| -> Vec<String> {
-        text.lines()
+        let mut lines: Vec<String> = text
+            .lines()
             .filter(|l| l.starts_with("agentsecrets_agentsecrets{"))
             .map(str::to_owned)
-            .collect()
+            .collect();
+        lines.sort();
+        lines
     };
 
     let (_, _, follower) = admin_get(&state, "/metrics").await;
