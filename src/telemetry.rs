@@ -181,7 +181,7 @@ impl Default for Metrics {
         let keyring_reload_failures = Counter::default();
         registry.register(
             "keyring_reload_failures",
-            "Keyring file checks that failed: the file unreadable (counted on each check) or a new content invalid (counted once); the last good keyring stays in force",
+            "Keyring file checks that failed: the file unreadable once a keyring is loaded (counted on each check) or a new content invalid (counted once); the last good keyring stays in force",
             keyring_reload_failures.clone(),
         );
         let tls_reload_failures = Counter::default();

@@ -84,9 +84,11 @@ impl KeyringHandle {
         }
     }
 
-    /// One step of [`Self::watch_file`]: returns whether a new keyring was put in force. An
-    /// unreadable file counts as a failure on each check (the keyring in force may be stale);
-    /// an invalid content once.
+    /// One step of [`Self::watch_file`]: returns whether a new keyring was put in force. Once a
+    /// keyring is in force, an unreadable file counts as a failure on each check (the keyring
+    /// in force may be stale); before, the file is awaited (on a first install the operator
+    /// creates it and the kubelet then projects it) and readiness reports it. An invalid
+    /// content counts once.
     pub fn reload_if_changed(
         &self,
         path: &Path,
@@ -101,7 +103,9 @@ impl KeyringHandle {
                     source,
                 };
                 tracing::error!(%error, "keyring not reloaded");
-                failures.inc();
+                if self.current().is_some() {
+                    failures.inc();
+                }
                 return false;
             }
         };
@@ -144,6 +148,12 @@ mod tests {
         assert!(handle.current().is_none());
         let mut last = None;
         let failures = Counter::default();
+        assert!(!handle.reload_if_changed(&dir.path().join("absent.yaml"), &mut last, &failures));
+        assert_eq!(
+            failures.get(),
+            0,
+            "a file not there yet is awaited, not a failure"
+        );
         assert!(handle.reload_if_changed(&path, &mut last, &failures));
         assert_eq!(handle.current().unwrap().primary_id(), "one");
         assert!(
