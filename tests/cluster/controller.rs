@@ -616,6 +616,21 @@ async fn a_pod_scoped_secret_without_its_pod_is_deleted_after_the_grace_period()
         assert_eq!(now.uid(), pod.uid());
         assert!(now.metadata.deletion_timestamp.is_none());
     }
+
+    // The adoption and the collections are recorded on the Secrets, without their values.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let all = events.list(&ListParams::default()).await.unwrap().items;
+    let on = |secret: &str| -> Vec<String> {
+        all.iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(secret))
+            .filter_map(|e| e.reason.clone())
+            .collect()
+    };
+    assert_eq!(on("sandbox-alice-asec-2"), ["Adopted"]);
+    assert_eq!(on("orphan-asec-1"), ["Collected"]);
+    assert_eq!(on("claimed-asec-3"), ["Collected"]);
+    let text = serde_json::to_string(&all).unwrap();
+    assert!(!text.contains(&value), "a value in an event");
 }
 
 // ---------------------------------------------------------------------------------------
