@@ -48,6 +48,20 @@ pub struct KeyLabels {
     pub key_id: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    /// The AgentSecret API version this build serves (`agentsecrets.io/v1alpha1`).
+    pub api_version: String,
+}
+
+fn reconcile_histogram() -> Histogram {
+    // 1 ms .. ~33 s: a reconcile is one to three API round trips, slower under API throttling.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 16,
+    ))
+}
+
 fn latency_histogram() -> Histogram {
     // 25 µs .. ~1.6 s: admission itself is sub-millisecond; Secret creation adds a round trip.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -66,6 +80,14 @@ pub struct Metrics {
     pub agentsecrets_by_key: Family<KeyLabels, Gauge>,
     pub reconciliations: Family<ResultLabels, Counter>,
     pub rewraps: Family<ResultLabels, Counter>,
+    pub build_info: Family<BuildLabels, Gauge>,
+    /// 1 while this replica holds the leader Lease (and so reconciles), else 0.
+    pub leader: Gauge,
+    pub reconcile_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    pub keyring_reload_failures: Counter,
+    pub tls_reload_failures: Counter,
+    /// The serving certificate's notAfter, in seconds since the epoch (0 until one is loaded).
+    pub tls_not_after: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +150,53 @@ impl Default for Metrics {
             "Data keys re-wrapped under the primary key-encryption key, by result",
             rewraps.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                api_version: <crate::api::AgentSecret as kube::Resource>::api_version(&())
+                    .into_owned(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the labels say which build of agent-secrets runs",
+            build_info.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 on the replica holding the leader Lease (it alone reconciles and reports controller-wide gauges), else 0",
+            leader.clone(),
+        );
+        let reconcile_duration =
+            Family::<KindLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                reconcile_histogram,
+            );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time a controller reconcile takes, by the kind reconciled (AgentSecret, Secret)",
+            reconcile_duration.clone(),
+        );
+        let keyring_reload_failures = Counter::default();
+        registry.register(
+            "keyring_reload_failures",
+            "Keyring file checks that failed: the file unreadable once a keyring is loaded (counted on each check) or a new content invalid (counted once); the last good keyring stays in force",
+            keyring_reload_failures.clone(),
+        );
+        let tls_reload_failures = Counter::default();
+        registry.register(
+            "tls_reload_failures",
+            "Changed webhook certificate files that could not be loaded (counted once per content, or once per spell of unreadable files); the last good certificate is still served",
+            tls_reload_failures.clone(),
+        );
+        let tls_not_after = Gauge::default();
+        registry.register_with_unit(
+            "tls_certificate_not_after",
+            "When the webhook's serving certificate in force expires (notAfter), since the epoch; 0 until one is loaded",
+            prometheus_client::registry::Unit::Seconds,
+            tls_not_after.clone(),
+        );
         Self {
             registry,
             admission_requests,
@@ -138,16 +207,125 @@ impl Default for Metrics {
             agentsecrets_by_key,
             reconciliations,
             rewraps,
+            build_info,
+            leader,
+            reconcile_duration,
+            keyring_reload_failures,
+            tls_reload_failures,
+            tls_not_after,
         }
     }
 }
 
 impl Metrics {
+    /// Set the AgentSecrets-per-key gauge from `counts` on the leader only: every replica
+    /// caches every AgentSecret, and a sum over replicas must not multiply the count by the
+    /// replica count. A follower exports no series of it (and counts nothing).
+    pub fn set_key_usage<I>(&self, counts: impl FnOnce() -> I)
+    where
+        I: IntoIterator<Item = (String, usize)>,
+    {
+        self.agentsecrets_by_key.clear();
+        if self.leader.get() != 1 {
+            return;
+        }
+        for (key_id, count) in counts() {
+            self.agentsecrets_by_key
+                .get_or_create(&KeyLabels { key_id })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The samples (not the HELP/TYPE lines) of `name` in the exposition, sorted (a family's
+    /// series come in no particular order).
+    fn samples(metrics: &Metrics, name: &str) -> Vec<String> {
+        let mut samples: Vec<String> = metrics
+            .encode()
+            .lines()
+            .filter(|line| {
+                !line.starts_with('#')
+                    && line
+                        .strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .map(str::to_owned)
+            .collect();
+        samples.sort();
+        samples
+    }
+
+    #[test]
+    fn build_info_is_one_labelled_with_the_crate_version_and_the_api_version() {
+        let metrics = Metrics::default();
+        assert_eq!(
+            samples(&metrics, "agentsecrets_build_info"),
+            [format!(
+                "agentsecrets_build_info{{version=\"{}\",api_version=\"agentsecrets.io/v1alpha1\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )]
+        );
+    }
+
+    #[test]
+    fn key_usage_is_exported_by_the_leader_only() {
+        let metrics = Metrics::default();
+        let counts = || [("k1".to_owned(), 3), ("k2".to_owned(), 5)];
+        metrics.set_key_usage(counts);
+        assert_eq!(
+            samples(&metrics, "agentsecrets_agentsecrets"),
+            Vec::<String>::new(),
+            "a follower exports no series"
+        );
+
+        metrics.leader.set(1);
+        metrics.set_key_usage(counts);
+        assert_eq!(
+            samples(&metrics, "agentsecrets_agentsecrets"),
+            [
+                "agentsecrets_agentsecrets{key_id=\"k1\"} 3",
+                "agentsecrets_agentsecrets{key_id=\"k2\"} 5"
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        );
+
+        // Leadership lost: the series go at the next scrape, and a key no longer used goes too.
+        metrics.set_key_usage(|| [("k2".to_owned(), 8)]);
+        assert_eq!(
+            samples(&metrics, "agentsecrets_agentsecrets"),
+            ["agentsecrets_agentsecrets{key_id=\"k2\"} 8".to_owned()]
+        );
+        metrics.leader.set(0);
+        metrics.set_key_usage(counts);
+        assert!(samples(&metrics, "agentsecrets_agentsecrets").is_empty());
+        metrics.set_key_usage(|| -> Vec<(String, usize)> {
+            panic!("a follower does not count AgentSecrets")
+        });
+    }
+
+    #[test]
+    fn the_new_metrics_start_at_zero() {
+        let metrics = Metrics::default();
+        for name in [
+            "agentsecrets_leader",
+            "agentsecrets_keyring_reload_failures_total",
+            "agentsecrets_tls_reload_failures_total",
+            "agentsecrets_tls_certificate_not_after_seconds",
+        ] {
+            assert_eq!(samples(&metrics, name), [format!("{name} 0")], "{name}");
+        }
     }
 }

@@ -153,9 +153,14 @@ pub fn expect(
 
 /// Serve `expected` in order, each within 1 s, then assert no further request arrives within
 /// 200 ms.
-pub async fn verify(mut handle: ApiServerHandle, expected: Vec<Expect>) {
+pub async fn verify(handle: ApiServerHandle, expected: Vec<Expect>) {
+    verify_within(handle, expected, Duration::from_secs(1)).await;
+}
+
+/// [`verify`], waiting up to `wait` for each request (for requests made on a timer).
+pub async fn verify_within(mut handle: ApiServerHandle, expected: Vec<Expect>, wait: Duration) {
     for expect in expected {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        let (request, send) = tokio::time::timeout(wait, handle.next_request())
             .await
             .unwrap_or_else(|_| {
                 panic!(

@@ -6,7 +6,7 @@ use agent_secrets::api::{AgentSecret, SecretString};
 use agent_secrets::controller::{Context, Settings, agentsecret, podsecret};
 use agent_secrets::crypto::{Keyring, SealContext};
 use agent_secrets::testing::{
-    ApiServerHandle, Expect, context, context_with, expect, test_settings, verify,
+    ApiServerHandle, Expect, context, context_with, expect, test_settings, verify, verify_within,
 };
 use http::Method;
 use k8s_openapi::api::core::v1::Secret;
@@ -117,7 +117,9 @@ async fn a_rotation_rewraps_under_the_primary_key() {
             // object is reconciled.
             assert_eq!(body["status"]["keyId"], "k1");
         }),
-        event_expectation("Rewrapped", "Normal"),
+        // The first observation's event; the re-wrap itself has none (a rotation round is
+        // summarised once, on the Lease).
+        event_expectation("Sealed", "Normal"),
     ];
     run_reconcile(object, ctx, handle, expected).await;
 }
@@ -141,7 +143,7 @@ async fn a_rewrap_without_a_free_rate_limit_slot_is_requeued_without_writing() {
     let expected = vec![
         expect(Method::PATCH, OBJECT_PATH, reply.clone(), |_| {}),
         expect(Method::PATCH, STATUS_PATH, reply, |_| {}),
-        event_expectation("Rewrapped", "Normal"),
+        event_expectation("Sealed", "Normal"),
     ];
     let verifier = tokio::spawn(verify(handle, expected));
     let started = tokio::time::Instant::now();
@@ -165,6 +167,112 @@ async fn a_rewrap_without_a_free_rate_limit_slot_is_requeued_without_writing() {
     );
     let action = agentsecret::reconcile(Arc::new(second), ctx).await.unwrap();
     assert_eq!(action, Action::requeue(slot - now));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotation_of_many_agentsecrets_posts_one_summary_event_on_the_lease() {
+    use agent_secrets::controller::rotation::{ROTATION_QUIET, lease_reference, report_rotations};
+    const N: usize = 3;
+    let mut keyring = Keyring::generate("k1").unwrap();
+    let objects: Vec<AgentSecret> = (0..N)
+        .map(|i| {
+            let mut object = agent_secrets::testing::agent_secret(
+                "ns",
+                &format!("token-{i}"),
+                "alice",
+                "TOKEN",
+                &keyring,
+                &format!("canary-rotation-value-{i}"),
+            );
+            object.metadata.resource_version = Some("41".into());
+            object
+        })
+        .collect();
+    keyring.add_primary("k2").unwrap();
+    // Statuses up to date: each reconcile writes its re-wrap and nothing else.
+    let objects: Vec<AgentSecret> = objects
+        .into_iter()
+        .map(|mut object| {
+            let plan = agentsecret::plan(
+                &object,
+                Some(&keyring),
+                None,
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            object.status = Some(plan.status);
+            object
+        })
+        .collect();
+    // Two re-wraps a second: the later ones wait for their slots, as in a real rotation.
+    let (ctx, handle) = context_with(
+        keyring,
+        Settings {
+            rewrap_per_second: 2,
+            ..test_settings()
+        },
+    );
+
+    let posted_at = Arc::new(std::sync::Mutex::new(None));
+    let posted = posted_at.clone();
+    let mut expected: Vec<Expect> = objects
+        .iter()
+        .enumerate()
+        .map(|(i, object)| {
+            expect(
+                Method::PATCH,
+                &format!("/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token-{i}?"),
+                serde_json::to_value(object).unwrap(),
+                |body| assert_eq!(body["spec"]["sealed"]["keyId"], "k2"),
+            )
+        })
+        .collect();
+    expected.push(expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/agent-secrets/events?",
+        json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": "2026-01-01T00:00:00.000000Z"}),
+        move |body| {
+            *posted.lock().unwrap() = Some(tokio::time::Instant::now());
+            assert_eq!(body["reason"], "Rewrapped");
+            assert_eq!(body["type"], "Normal");
+            assert_eq!(body["action"], "Rewrap");
+            assert_eq!(
+                body["regarding"],
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "namespace": "agent-secrets", "name": "agent-secrets-controller"})
+            );
+            assert_eq!(
+                body["note"],
+                "key rotation: 3 data keys re-wrapped under the primary key \"k2\" (3), from \"k1\" (3)"
+            );
+            assert!(!body.to_string().contains("canary"), "{body}");
+        },
+    ));
+    // Generous: the summary waits for the rotation to have been quiet.
+    let verifier = tokio::spawn(verify_within(handle, expected, Duration::from_secs(60)));
+    let reporter = tokio::spawn(report_rotations(
+        ctx.clone(),
+        lease_reference(Some("agent-secrets"), "agent-secrets-controller"),
+    ));
+    for object in objects.into_iter().map(Arc::new) {
+        // Until its re-wrap is written (requeued meanwhile, as the controller would).
+        while agentsecret::reconcile(object.clone(), ctx.clone())
+            .await
+            .unwrap()
+            != Action::requeue(Duration::from_secs(30 * 60))
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let rotated = tokio::time::Instant::now();
+    // The verifier also asserts that no second event follows.
+    verifier.await.unwrap();
+    reporter.abort();
+    let posted_at = posted_at.lock().unwrap().expect("the summary was posted");
+    assert!(
+        posted_at >= rotated + ROTATION_QUIET,
+        "posted {:?} after the last re-wrap, before the rotation was quiet",
+        posted_at - rotated
+    );
 }
 
 #[tokio::test]
@@ -244,6 +352,25 @@ fn pod_secret(age: Duration) -> Secret {
     .unwrap()
 }
 
+/// An event on the pod-scoped Secret, checked further by `check`.
+fn pod_secret_event(reason: &'static str, check: fn(&serde_json::Value)) -> Expect {
+    expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/ns/events?",
+        json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": "2026-01-01T00:00:00.000000Z"}),
+        move |body| {
+            assert_eq!(body["reason"], reason);
+            assert_eq!(body["type"], "Normal");
+            assert_eq!(
+                (&body["regarding"]["kind"], &body["regarding"]["name"]),
+                (&json!("Secret"), &json!("sandbox-asec-abc"))
+            );
+            assert_eq!(body["regarding"]["uid"], "s-uid");
+            check(body);
+        },
+    )
+}
+
 const PODS_PATH: &str = "/api/v1/namespaces/ns/pods?&labelSelector=agentsecrets.io%2Fowner%3Dalice";
 const SECRET_PATH: &str = "/api/v1/namespaces/ns/secrets/sandbox-asec-abc?";
 
@@ -263,6 +390,17 @@ async fn a_secret_whose_pod_exists_is_adopted_by_it() {
             assert_eq!(
                 body["metadata"]["ownerReferences"],
                 json!([{"apiVersion": "v1", "kind": "Pod", "name": "sandbox-alice-x7", "uid": "pod-uid-1"}])
+            );
+        }),
+        pod_secret_event("Adopted", |body| {
+            assert_eq!(
+                body["related"],
+                json!({"apiVersion": "v1", "kind": "Pod", "namespace": "ns",
+                       "name": "sandbox-alice-x7", "uid": "pod-uid-1"})
+            );
+            assert_eq!(
+                body["note"],
+                "owned by its sandbox pod \"sandbox-alice-x7\" now: deleted with it by garbage collection"
             );
         }),
     ];
@@ -285,6 +423,13 @@ async fn an_orphan_past_its_grace_period_is_deleted() {
                 body["preconditions"],
                 json!({"uid": "s-uid", "resourceVersion": "7"})
             );
+        }),
+        pod_secret_event("Collected", |body| {
+            assert_eq!(
+                body["note"],
+                "deleted: no sandbox pod claimed this pod-scoped Secret within 300s of its creation"
+            );
+            assert!(body.get("related").is_none(), "{body}");
         }),
     ];
     let verifier = tokio::spawn(verify(handle, expected));

@@ -74,6 +74,51 @@ async fn readiness_needs_a_synced_cache_and_a_keyring() {
 }
 
 #[tokio::test]
+async fn agentsecrets_per_key_are_exported_only_while_this_replica_leads() {
+    use kube::runtime::watcher::Event;
+    let mut ring = Keyring::generate("k1").unwrap();
+    let index = Arc::new(SecretIndex::default());
+    for name in ["a", "b"] {
+        index.apply(Event::Apply(agent_secrets::testing::agent_secret(
+            "ns", name, "alice", "TOKEN", &ring, "v",
+        )));
+    }
+    ring.add_primary("k2").unwrap();
+    index.apply(Event::Apply(agent_secrets::testing::agent_secret(
+        "ns", "c", "alice", "OTHER", &ring, "v",
+    )));
+    let state = admin_state(KeyringHandle::new(ring), index);
+    // Sorted: a family's series come in no particular order.
+    let per_key = |text: &str| -> Vec<String> {
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("agentsecrets_agentsecrets{"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    };
+
+    let (_, _, follower) = admin_get(&state, "/metrics").await;
+    assert!(follower.lines().any(|l| l == "agentsecrets_leader 0"));
+    assert_eq!(per_key(&follower), Vec::<String>::new());
+
+    state.metrics.leader.set(1);
+    let (_, _, leader) = admin_get(&state, "/metrics").await;
+    assert_eq!(
+        per_key(&leader),
+        [
+            r#"agentsecrets_agentsecrets{key_id="k1"} 2"#,
+            r#"agentsecrets_agentsecrets{key_id="k2"} 1"#
+        ]
+    );
+
+    state.metrics.leader.set(0);
+    let (_, _, stepped_down) = admin_get(&state, "/metrics").await;
+    assert_eq!(per_key(&stepped_down), Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn metrics_count_reviews_by_kind_operation_and_decision() {
     let server = TestServer::start(Setup::default()).await;
     for file in [
@@ -114,6 +159,9 @@ async fn metrics_count_reviews_by_kind_operation_and_decision() {
         r#"agentsecrets_pod_secrets_created_total{result="created"} 1"#,
         "agentsecrets_injected_secrets_total 3",
         "agentsecrets_keyring_keys 1",
+        "agentsecrets_leader 0",
+        "# TYPE agentsecrets_build_info gauge",
+        "# TYPE agentsecrets_tls_certificate_not_after_seconds gauge",
     ] {
         assert!(
             text.lines().any(|l| l == line),

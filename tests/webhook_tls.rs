@@ -70,6 +70,7 @@ async fn serve_files(
         key,
         client_ca,
         Duration::from_millis(50),
+        std::sync::Arc::new(agent_secrets::telemetry::Metrics::default()),
         server.stop.clone().cancelled_owned(),
     ));
     (server, watcher)

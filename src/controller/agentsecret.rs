@@ -187,17 +187,14 @@ pub fn plan(
 
 /// The event worth recording for a plan, if any: a spec change, or a move of the Ready
 /// condition to a new reason (so a damaged secret is reported once, not on every resync).
+/// A re-wrap is no event of its own: a rotation re-wraps every AgentSecret, and is summarised
+/// in one event per round (see [`super::rotation`]).
 pub fn event_for(object: &AgentSecret, plan: &Plan) -> Option<Event> {
     let (type_, reason, note) = match &plan.spec_change {
         Some(SpecChange::SealPlaintext(_)) => (
             EventType::Warning,
             "PlaintextSealed",
             "spec.value was stored in plaintext (the webhook was bypassed or installed later); it has been sealed".to_owned(),
-        ),
-        Some(SpecChange::Rewrap { from, sealed }) => (
-            EventType::Normal,
-            "Rewrapped",
-            format!("data key re-wrapped from key {from:?} to the primary key {:?}", sealed.key_id),
         ),
         Some(SpecChange::Reseal(sealed)) => (
             EventType::Normal,
@@ -207,7 +204,7 @@ pub fn event_for(object: &AgentSecret, plan: &Plan) -> Option<Event> {
                 sealed.key_id
             ),
         ),
-        None => {
+        Some(SpecChange::Rewrap { .. }) | None => {
             let previous_reason = object
                 .status
                 .as_ref()
@@ -298,7 +295,8 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
         let result = api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await;
-        if let SpecChange::Rewrap { .. } = change {
+        if let SpecChange::Rewrap { from, sealed } = change {
+            ctx.rotation.record(from, &sealed.key_id, result.is_ok());
             let result_label = if result.is_ok() { "ok" } else { "error" };
             ctx.metrics
                 .rewraps
@@ -433,7 +431,20 @@ mod tests {
             (&old.ciphertext, &old.nonce)
         );
         assert_eq!(sealed.open(&keyring, CTX).unwrap().expose(), b"v");
-        assert_eq!(event_for(&object, &plan).unwrap().reason, "Rewrapped");
+    }
+
+    #[test]
+    fn a_rewrap_records_no_event_of_its_own() {
+        let mut keyring = keyring();
+        let mut object = object(&keyring);
+        object.status = Some(plan(&object, Some(&keyring), None, at(0)).status);
+        keyring.add_primary("k2").unwrap();
+        let plan = plan(&object, Some(&keyring), None, at(10));
+        assert!(matches!(plan.spec_change, Some(SpecChange::Rewrap { .. })));
+        assert!(event_for(&object, &plan).is_none());
+        // A change of readiness still is one.
+        object.status = None;
+        assert_eq!(event_for(&object, &plan).unwrap().reason, "Sealed");
     }
 
     #[test]

@@ -299,7 +299,33 @@ impl Elector {
         W: FnOnce(WaitForCancellationFutureOwned) -> F,
         F: Future<Output = ()>,
     {
+        self.lead_reporting(stop, |_| {}, work).await
+    }
+
+    /// [`Elector::lead`], telling `report` each time this replica starts or stops holding the
+    /// Lease (for the leader gauge); `false` is reported last, once the election has ended.
+    pub async fn lead_reporting<W, F>(
+        self,
+        stop: CancellationToken,
+        mut report: impl FnMut(bool),
+        work: W,
+    ) -> Result<(), LeaseError>
+    where
+        W: FnOnce(WaitForCancellationFutureOwned) -> F,
+        F: Future<Output = ()>,
+    {
         let (leader_tx, mut leader) = watch::channel(false);
+        let mut reported = leader.clone();
+        let report_changes = async move {
+            loop {
+                report(*reported.borrow_and_update());
+                // Fails once the election has ended and dropped its sender.
+                if reported.changed().await.is_err() {
+                    break;
+                }
+            }
+            report(false);
+        };
         let work_ended = CancellationToken::new();
         let election = self.hold(leader_tx, work_ended.clone());
         let guarded = async move {
@@ -316,7 +342,7 @@ impl Elector {
                 _ = lost => tracing::warn!("leadership lost; stopped at once"),
             }
         };
-        let (result, ()) = tokio::join!(election, guarded);
+        let (result, (), ()) = tokio::join!(election, guarded, report_changes);
         result
     }
 
@@ -638,6 +664,82 @@ mod tests {
         );
     }
 
+    /// Another replica takes the Lease over (as after a long pause of this one).
+    fn take_over(state: &Arc<Mutex<FakeLeases>>) {
+        let mut state = state.lock().unwrap();
+        state.version += 1;
+        let version = state.version.to_string();
+        let lease = state.lease.as_mut().unwrap();
+        lease.metadata.resource_version = Some(version);
+        lease.spec.as_mut().unwrap().holder_identity = Some("other".into());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_leader_gauge_is_one_while_the_lease_is_held_and_zero_once_it_is_lost() {
+        let state = shared();
+        // Held by another live replica at first.
+        state.lock().unwrap().lease = Some(Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some("lease".into()),
+                resource_version: Some("0".into()),
+                ..Default::default()
+            },
+            spec: Some(held_by("other", 0)),
+        });
+        let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let reported = gauge.clone();
+        let leading = tokio::spawn(elector(&state).lead_reporting(
+            CancellationToken::new(),
+            move |leading| {
+                reported.set(i64::from(leading));
+            },
+            |shutdown| shutdown,
+        ));
+        tokio::time::sleep(5 * SECOND).await;
+        assert_eq!(gauge.get(), 0, "a follower is not the leader");
+        // The other holder stops renewing: its Lease expires and this replica takes it.
+        let became = tokio::time::timeout(60 * SECOND, async {
+            while gauge.get() == 0 {
+                tokio::time::sleep(SECOND / 10).await;
+            }
+        })
+        .await;
+        assert!(became.is_ok(), "the gauge never showed leadership");
+        let holder = state.lock().unwrap().writes.last().unwrap().1.clone();
+        assert_eq!(
+            holder.as_deref(),
+            Some("me"),
+            "the gauge is 1 on the holder"
+        );
+        take_over(&state);
+        let error = leading.await.unwrap().unwrap_err();
+        assert!(matches!(error, LeaseError::Lost(_)), "{error:?}");
+        assert_eq!(gauge.get(), 0, "leadership lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_leader_gauge_drops_to_zero_when_the_lease_is_released() {
+        let state = shared();
+        let stop = CancellationToken::new();
+        let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let reported = gauge.clone();
+        let leading = tokio::spawn(elector(&state).lead_reporting(
+            stop.clone(),
+            move |leading| {
+                reported.set(i64::from(leading));
+            },
+            |shutdown| shutdown,
+        ));
+        while gauge.get() == 0 {
+            tokio::time::sleep(SECOND).await;
+        }
+        stop.cancel();
+        leading.await.unwrap().unwrap();
+        assert_eq!(gauge.get(), 0);
+        let writes = state.lock().unwrap().writes.clone();
+        assert_eq!(writes.last().unwrap().1, None, "the Lease was released");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn lost_leadership_drops_the_work_at_once_and_releases_nothing() {
         struct DropFlag(Arc<Mutex<bool>>);
@@ -659,15 +761,7 @@ mod tests {
         while state.lock().unwrap().writes.is_empty() {
             tokio::time::sleep(SECOND).await;
         }
-        // Another replica takes the Lease over (as after a long pause of this one).
-        {
-            let mut state = state.lock().unwrap();
-            state.version += 1;
-            let version = state.version.to_string();
-            let lease = state.lease.as_mut().unwrap();
-            lease.metadata.resource_version = Some(version);
-            lease.spec.as_mut().unwrap().holder_identity = Some("other".into());
-        }
+        take_over(&state);
         let error = leading.await.unwrap().unwrap_err();
         assert!(matches!(error, LeaseError::Lost(_)), "{error:?}");
         assert!(*dropped.lock().unwrap(), "the work was dropped");

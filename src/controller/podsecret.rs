@@ -2,11 +2,12 @@
 //! ownerReference (garbage collection deletes it with the pod); one whose pod never appeared
 //! is deleted after a grace period.
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt as _};
 use serde_json::json;
@@ -90,9 +91,55 @@ pub fn secret_of_pod<S: Resource<DynamicType = ()>>(pod: &impl Resource) -> Opti
     Some(ObjectRef::new(name).within(&namespace))
 }
 
+/// The event on a pod-scoped Secret its pod (in `namespace`) adopted.
+pub fn adopted_event(namespace: &str, pod: &OwnerReference) -> Event {
+    Event {
+        type_: EventType::Normal,
+        reason: "Adopted".into(),
+        note: Some(format!(
+            "owned by its sandbox pod {:?} now: deleted with it by garbage collection",
+            pod.name
+        )),
+        action: "Adopt".into(),
+        secondary: Some(ObjectReference {
+            api_version: Some(pod.api_version.clone()),
+            kind: Some(pod.kind.clone()),
+            name: Some(pod.name.clone()),
+            namespace: Some(namespace.to_owned()),
+            uid: Some(pod.uid.clone()),
+            ..ObjectReference::default()
+        }),
+    }
+}
+
+/// The event on a pod-scoped Secret deleted because no pod claimed it within `grace` (its pod
+/// was refused or failed after admission).
+pub fn collected_event(grace: Duration) -> Event {
+    Event {
+        type_: EventType::Normal,
+        reason: "Collected".into(),
+        note: Some(format!(
+            "deleted: no sandbox pod claimed this pod-scoped Secret within {}s of its creation",
+            grace.as_secs()
+        )),
+        action: "Delete".into(),
+        secondary: None,
+    }
+}
+
+/// Record `event` on `secret`: a failure is logged, not worth failing the reconcile for.
+async fn record<S: Resource<DynamicType = ()>>(ctx: &Context, secret: &S, event: Event) {
+    if let Err(error) = ctx.recorder.publish(&event, &secret.object_ref(&())).await {
+        tracing::warn!(%error, secret = %secret.name_any(), "failed to record event");
+    }
+}
+
 /// Reconcile one pod-scoped Secret. Only its metadata is needed (the controller watches
 /// metadata only, so the values are never held in its cache).
-pub async fn reconcile<S: Resource>(secret: Arc<S>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile<S: Resource<DynamicType = ()>>(
+    secret: Arc<S>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let namespace = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
     if !secret.owner_references().is_empty() {
@@ -123,6 +170,7 @@ pub async fn reconcile<S: Resource>(secret: Arc<S>, ctx: Arc<Context>) -> Result
                 .await
                 .map_err(Error::Kube)?;
             tracing::info!(namespace, secret = name, pod = %reference.name, "pod-scoped Secret adopted by its pod");
+            record(&ctx, secret.as_ref(), adopted_event(&namespace, &reference)).await;
             Ok(Action::await_change())
         }
         SecretAction::Delete => {
@@ -135,7 +183,10 @@ pub async fn reconcile<S: Resource>(secret: Arc<S>, ctx: Arc<Context>) -> Result
             };
             match secrets.delete(&name, &params).await {
                 Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                // Deleted meanwhile (with its pod, or by hand): nothing was collected.
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    return Ok(Action::await_change());
+                }
                 Err(e) => return Err(Error::Kube(e)),
             }
             tracing::info!(
@@ -143,6 +194,7 @@ pub async fn reconcile<S: Resource>(secret: Arc<S>, ctx: Arc<Context>) -> Result
                 secret = name,
                 "deleted pod-scoped Secret whose pod never appeared"
             );
+            record(&ctx, secret.as_ref(), collected_event(ctx.pod_secret_grace)).await;
             Ok(Action::await_change())
         }
         SecretAction::Wait(after) => Ok(Action::requeue(after)),

@@ -2,6 +2,7 @@
 //! updated in place by the kubelet), without a restart.
 
 use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,17 +65,18 @@ impl KeyringHandle {
 
     /// Load `path` now; then, until `shutdown` resolves, re-read it every `interval` and put a
     /// changed, valid keyring in force. An invalid new file keeps the last good keyring and is
-    /// reported (by message only: never key material).
+    /// reported (by message only: never key material) and counted in `failures`.
     pub async fn watch_file(
         self,
         path: PathBuf,
         interval: Duration,
+        failures: Counter,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let mut last: Option<Zeroizing<String>> = None;
         tokio::pin!(shutdown);
         loop {
-            self.reload_if_changed(&path, &mut last);
+            self.reload_if_changed(&path, &mut last, &failures);
             tokio::select! {
                 () = &mut shutdown => return,
                 () = tokio::time::sleep(interval) => {}
@@ -82,8 +84,17 @@ impl KeyringHandle {
         }
     }
 
-    /// One step of [`Self::watch_file`]: returns whether a new keyring was put in force.
-    pub fn reload_if_changed(&self, path: &Path, last: &mut Option<Zeroizing<String>>) -> bool {
+    /// One step of [`Self::watch_file`]: returns whether a new keyring was put in force. Once a
+    /// keyring is in force, an unreadable file counts as a failure on each check (the keyring
+    /// in force may be stale); before, the file is awaited (on a first install the operator
+    /// creates it and the kubelet then projects it) and readiness reports it. An invalid
+    /// content counts once.
+    pub fn reload_if_changed(
+        &self,
+        path: &Path,
+        last: &mut Option<Zeroizing<String>>,
+        failures: &Counter,
+    ) -> bool {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => Zeroizing::new(text),
             Err(source) => {
@@ -92,6 +103,9 @@ impl KeyringHandle {
                     source,
                 };
                 tracing::error!(%error, "keyring not reloaded");
+                if self.current().is_some() {
+                    failures.inc();
+                }
                 return false;
             }
         };
@@ -112,6 +126,7 @@ impl KeyringHandle {
             }
             Err(error) => {
                 tracing::error!(%error, "keyring file is invalid; keeping the last good keyring");
+                failures.inc();
                 false
             }
         }
@@ -132,24 +147,43 @@ mod tests {
         let handle = KeyringHandle::default();
         assert!(handle.current().is_none());
         let mut last = None;
-        assert!(handle.reload_if_changed(&path, &mut last));
+        let failures = Counter::default();
+        assert!(!handle.reload_if_changed(&dir.path().join("absent.yaml"), &mut last, &failures));
+        assert_eq!(
+            failures.get(),
+            0,
+            "a file not there yet is awaited, not a failure"
+        );
+        assert!(handle.reload_if_changed(&path, &mut last, &failures));
         assert_eq!(handle.current().unwrap().primary_id(), "one");
         assert!(
-            !handle.reload_if_changed(&path, &mut last),
+            !handle.reload_if_changed(&path, &mut last, &failures),
             "unchanged file is not reloaded"
         );
 
         ring.add_primary("two").unwrap();
         std::fs::write(&path, ring.to_yaml().unwrap().as_bytes()).unwrap();
-        assert!(handle.reload_if_changed(&path, &mut last));
+        assert!(handle.reload_if_changed(&path, &mut last, &failures));
         assert_eq!(handle.current().unwrap().primary_id(), "two");
+
+        assert_eq!(failures.get(), 0, "good files are no failures");
 
         std::fs::write(&path, "primary: nope\nkeys: []\n").unwrap();
-        assert!(!handle.reload_if_changed(&path, &mut last));
+        assert!(!handle.reload_if_changed(&path, &mut last, &failures));
         assert_eq!(handle.current().unwrap().primary_id(), "two");
+        assert_eq!(failures.get(), 1, "an invalid file is a failed reload");
+        assert!(!handle.reload_if_changed(&path, &mut last, &failures));
+        assert_eq!(
+            failures.get(),
+            1,
+            "the same invalid content is counted once"
+        );
 
         std::fs::remove_file(&path).unwrap();
-        assert!(!handle.reload_if_changed(&path, &mut last));
+        assert!(!handle.reload_if_changed(&path, &mut last, &failures));
         assert_eq!(handle.current().unwrap().primary_id(), "two");
+        assert_eq!(failures.get(), 2, "an unreadable file is a failed reload");
+        assert!(!handle.reload_if_changed(&path, &mut last, &failures));
+        assert_eq!(failures.get(), 3, "counted on each check while it lasts");
     }
 }

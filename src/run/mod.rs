@@ -161,9 +161,10 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let tls_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let stop = stop.clone();
+        let failures = state.metrics.keyring_reload_failures.clone();
         tasks.spawn(async move {
             keyring_handle
-                .watch_file(keyring, reload_interval, stop.cancelled_owned())
+                .watch_file(keyring, reload_interval, failures, stop.cancelled_owned())
                 .await;
             Ok(())
         });
@@ -189,6 +190,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         let stop = stop.clone();
         let router = server::webhook_router(state.clone());
         let tls_loaded = tls_loaded.clone();
+        let metrics = state.metrics.clone();
         tasks.spawn(async move {
             let Some(tls) = wait_for_tls(&tls_cert, &tls_key, client_ca.as_deref(), &stop).await
             else {
@@ -201,6 +203,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 tls_key,
                 client_ca,
                 reload_interval,
+                metrics,
                 stop.clone().cancelled_owned(),
             );
             let serve =

@@ -100,15 +100,10 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         .current()
         .map_or(0, |k| k.key_ids().count() as i64);
     state.metrics.keyring_keys.set(keys);
-    // Rotation progress: AgentSecrets per key id, as the cache sees them now.
-    state.metrics.agentsecrets_by_key.clear();
-    for (key_id, count) in state.index.count_by_key_id() {
-        state
-            .metrics
-            .agentsecrets_by_key
-            .get_or_create(&crate::telemetry::KeyLabels { key_id })
-            .set(count as i64);
-    }
+    // Rotation progress: AgentSecrets per key id, as the cache sees them now (leader only).
+    state
+        .metrics
+        .set_key_usage(|| state.index.count_by_key_id());
     (
         [(
             header::CONTENT_TYPE,

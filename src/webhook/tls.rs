@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::telemetry::Metrics;
+
 /// Why a TLS configuration could not be built. Never shows file content: a key file could be
 /// swapped with another secret.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,14 @@ impl TlsFiles {
     }
 }
 
+/// When the first (serving) certificate of a PEM chain expires, in seconds since the epoch;
+/// `None` when it does not parse.
+pub fn not_after(pem: &[u8]) -> Option<i64> {
+    let leaf = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    Some(certificate.validity().not_after.timestamp())
+}
+
 fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
@@ -128,21 +138,25 @@ pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<RustlsC
 /// Reload the TLS configuration when the certificate, the key or the client CA changes
 /// (cert-manager rotates them in place); open connections keep their session, new ones get
 /// the new configuration. The files as they are when this is called are the baseline: call it
-/// right after loading `tls` from them.
+/// right after loading `tls` from them. `metrics` get the notAfter of the certificate in force
+/// and the failed reloads.
 pub fn watch_tls_files(
     tls: RustlsConfig,
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
     interval: Duration,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
-    let files = TlsFiles {
-        cert,
-        key,
-        client_ca,
-    };
-    let mut last = files.read().ok();
+    let mut watch = TlsWatch::new(
+        TlsFiles {
+            cert,
+            key,
+            client_ca,
+        },
+        metrics,
+    );
     async move {
         tokio::pin!(shutdown);
         loop {
@@ -150,18 +164,75 @@ pub fn watch_tls_files(
                 () = &mut shutdown => return,
                 () = tokio::time::sleep(interval) => {}
             }
-            let Ok(current) = files.read() else { continue };
-            if last.as_ref() == Some(&current) {
-                continue;
+            if let Some(config) = watch.check() {
+                tls.reload_from_config(Arc::new(config));
             }
-            match files.config_of(&current) {
-                Ok(config) => {
-                    tls.reload_from_config(Arc::new(config));
-                    tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
-                    last = Some(current);
+        }
+    }
+}
+
+/// The state of [`watch_tls_files`] between checks.
+struct TlsWatch {
+    files: TlsFiles,
+    metrics: Arc<Metrics>,
+    /// The contents in force.
+    last: Option<Contents>,
+    /// The contents that failed last, so a bad set is counted once, not on every check.
+    failed: Option<Contents>,
+    /// Whether the last check could not read the files.
+    unreadable: bool,
+}
+
+impl TlsWatch {
+    /// Starts from the files as they are (the configuration in force was just loaded from
+    /// them).
+    fn new(files: TlsFiles, metrics: Arc<Metrics>) -> Self {
+        let last = files.read().ok();
+        if let Some(seconds) = last.as_ref().and_then(|c| not_after(&c.cert)) {
+            metrics.tls_not_after.set(seconds);
+        }
+        Self {
+            files,
+            metrics,
+            last,
+            failed: None,
+            unreadable: false,
+        }
+    }
+
+    /// One check: the new configuration to put in force, if the files changed and load.
+    fn check(&mut self) -> Option<rustls::ServerConfig> {
+        let current = match self.files.read() {
+            Ok(current) => current,
+            Err(error) => {
+                if !self.unreadable {
+                    self.metrics.tls_reload_failures.inc();
+                    tracing::warn!(%error, "TLS certificate not reloaded");
                 }
-                // A half-written set fails to parse; the next tick retries.
-                Err(error) => tracing::warn!(%error, "TLS certificate not reloaded"),
+                self.unreadable = true;
+                return None;
+            }
+        };
+        self.unreadable = false;
+        if self.last.as_ref() == Some(&current) || self.failed.as_ref() == Some(&current) {
+            return None;
+        }
+        match self.files.config_of(&current) {
+            Ok(config) => {
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                if let Some(seconds) = not_after(&current.cert) {
+                    self.metrics.tls_not_after.set(seconds);
+                }
+                self.last = Some(current);
+                self.failed = None;
+                Some(config)
+            }
+            // A half-written set fails to parse; the next change is tried again.
+            Err(error) => {
+                self.metrics.tls_reload_failures.inc();
+                tracing::warn!(%error, "TLS certificate not reloaded");
+                self.failed = Some(current);
+                None
             }
         }
     }
@@ -170,6 +241,106 @@ pub fn watch_tls_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(seconds: i64) -> time::OffsetDateTime {
+        time::OffsetDateTime::from_unix_timestamp(seconds).unwrap()
+    }
+
+    /// A self-signed serving certificate and its key (PEM) expiring at `not_after`.
+    fn certificate(not_after: time::OffsetDateTime) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["webhook.example".into()]).unwrap();
+        params.not_after = not_after;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn watch_of(dir: &Path, metrics: &Arc<Metrics>) -> TlsWatch {
+        TlsWatch::new(
+            TlsFiles {
+                cert: dir.join("tls.crt"),
+                key: dir.join("tls.key"),
+                client_ca: None,
+            },
+            metrics.clone(),
+        )
+    }
+
+    fn write(dir: &Path, (cert, key): &(String, String)) {
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+    }
+
+    #[test]
+    fn the_expiry_gauge_is_the_notafter_of_the_certificate_in_force() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let first = at(1_936_000_000);
+        write(dir.path(), &certificate(first));
+        let metrics = Arc::new(Metrics::default());
+        let mut watch = watch_of(dir.path(), &metrics);
+        assert_eq!(metrics.tls_not_after.get(), first.unix_timestamp());
+        assert!(watch.check().is_none(), "unchanged files are not reloaded");
+
+        let renewed = at(1_956_000_000);
+        write(dir.path(), &certificate(renewed));
+        assert!(watch.check().is_some());
+        assert_eq!(metrics.tls_not_after.get(), renewed.unix_timestamp());
+        assert_eq!(metrics.tls_reload_failures.get(), 0);
+    }
+
+    #[test]
+    fn failed_reloads_are_counted_once_each_and_keep_the_certificate_in_force() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let expiry = at(1_936_000_000);
+        let good = certificate(expiry);
+        write(dir.path(), &good);
+        let metrics = Arc::new(Metrics::default());
+        let mut watch = watch_of(dir.path(), &metrics);
+
+        std::fs::write(dir.path().join("tls.crt"), "not a certificate").unwrap();
+        assert!(watch.check().is_none());
+        assert_eq!(metrics.tls_reload_failures.get(), 1);
+        assert!(watch.check().is_none());
+        assert_eq!(
+            metrics.tls_reload_failures.get(),
+            1,
+            "the same bad file is counted once"
+        );
+
+        // A key that does not match the certificate is another failure.
+        let other = certificate(expiry);
+        std::fs::write(dir.path().join("tls.crt"), &good.0).unwrap();
+        std::fs::write(dir.path().join("tls.key"), &other.1).unwrap();
+        assert!(watch.check().is_none());
+        assert_eq!(metrics.tls_reload_failures.get(), 2);
+
+        std::fs::remove_file(dir.path().join("tls.key")).unwrap();
+        assert!(watch.check().is_none());
+        assert!(watch.check().is_none());
+        assert_eq!(
+            metrics.tls_reload_failures.get(),
+            3,
+            "unreadable files count once per spell"
+        );
+        assert_eq!(metrics.tls_not_after.get(), expiry.unix_timestamp());
+
+        write(dir.path(), &certificate(expiry));
+        assert!(watch.check().is_some(), "a good set loads again");
+        assert_eq!(metrics.tls_reload_failures.get(), 3);
+    }
+
+    #[test]
+    fn the_notafter_of_a_chain_is_the_first_certificates() {
+        let leaf = certificate(at(1_900_000_000)).0;
+        let issuer = certificate(at(2_200_000_000)).0;
+        assert_eq!(
+            not_after(format!("{leaf}{issuer}").as_bytes()),
+            Some(at(1_900_000_000).unix_timestamp())
+        );
+        assert_eq!(not_after(b"garbage"), None);
+    }
 
     #[test]
     fn errors_name_the_file_and_never_its_content() {
