@@ -258,7 +258,7 @@ async fn a_rotation_of_many_agentsecrets_posts_one_summary_event_on_the_lease() 
         while agentsecret::reconcile(object.clone(), ctx.clone())
             .await
             .unwrap()
-            != Action::requeue(Duration::from_secs(30 * 60))
+            != Action::await_change()
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
