@@ -52,7 +52,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest life of one stream: the pod and its token are checked again at each reconnect.
 pub const MAX_STREAM: Duration = Duration::from_secs(600);
 /// Default cap on concurrent streams (one per running secretless pod per replica).
-pub const DEFAULT_MAX_STREAMS: usize = 1024;
+pub const DEFAULT_MAX_STREAMS: u32 = 1024;
 /// The proxy fails closed when no line arrived for this long.
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
 /// The heartbeat line.

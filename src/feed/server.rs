@@ -58,7 +58,7 @@ pub struct FeedSettings {
 impl Default for FeedSettings {
     fn default() -> Self {
         Self {
-            max_streams: super::DEFAULT_MAX_STREAMS,
+            max_streams: super::DEFAULT_MAX_STREAMS as usize,
             heartbeat: HEARTBEAT_INTERVAL,
             poll: POLL_INTERVAL,
             max_stream: MAX_STREAM,
@@ -76,7 +76,11 @@ pub struct FeedState {
     settings: Arc<FeedSettings>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
+    adapter: Adapter,
 }
+
+/// Maps a cached AgentSecret to the feed's view of it.
+pub type Adapter = for<'a> fn(&'a CachedSecret) -> decide::FeedSecret<'a>;
 
 impl FeedState {
     /// `stop` ends every open stream (shutdown).
@@ -96,7 +100,15 @@ impl FeedState {
             )),
             settings: Arc::new(settings),
             stop,
+            adapter: decide::feed_secret,
         }
+    }
+
+    /// Replaces [`decide::feed_secret`], the mapping of cached secrets to the feed's view (for
+    /// tests that need fields the cache does not carry yet).
+    pub fn with_adapter(mut self, adapter: Adapter) -> Self {
+        self.adapter = adapter;
+        self
     }
 
     /// Why the feed cannot vouch for what it would serve, if it cannot.
@@ -314,10 +326,12 @@ async fn stream_pod(
     let (namespace, pod) = (identity.namespace.as_str(), identity.pod_name.as_str());
     let why = loop {
         let line = tokio::select! {
+            // In this order: a stream past its time sends nothing more, and a change goes out
+            // before a heartbeat that would otherwise confirm the old snapshot.
+            biased;
             () = state.stop.cancelled() => break "the operator is stopping",
             () = tokio::time::sleep_until(deadline) => break "the token expired or the stream's time is up",
             () = sender.closed() => break "the client went away",
-            _ = heartbeat.tick() => Bytes::from_static(HEARTBEAT_LINE),
             _ = poll.tick() => {
                 // A cache that cannot see deletions, or no keyring: stop vouching, so the
                 // proxy fails closed rather than keep serving what may have been deleted.
@@ -328,7 +342,7 @@ async fn stream_pod(
                 if unchanged(last.as_ref(), &secrets, &keyring) {
                     continue;
                 }
-                let views: Vec<_> = secrets.iter().map(|s| decide::feed_secret(s)).collect();
+                let views: Vec<_> = secrets.iter().map(|s| (state.adapter)(s)).collect();
                 let rendered = decide::render_snapshot(&admitted, namespace, &views, &keyring);
                 drop(views);
                 let digest = ring::digest::digest(&ring::digest::SHA256, &rendered.line);
@@ -343,6 +357,7 @@ async fn stream_pod(
                 tracing::info!(namespace, pod, secrets = ?rendered.served, "feed snapshot sent");
                 Bytes::copy_from_slice(&rendered.line)
             }
+            _ = heartbeat.tick() => Bytes::from_static(HEARTBEAT_LINE),
         };
         match sender.send_timeout(line, settings.send_timeout).await {
             Ok(()) => {}
