@@ -172,6 +172,11 @@ SCENARIOS = [
         expect_kinds={"ClusterRole", "RoleBinding", "ValidatingAdmissionPolicy"},
     ),
     Scenario(
+        "secretless value feed off",
+        {"feed": {"enabled": False}},
+        expect_kinds={"ClusterRole", "Service"},
+    ),
+    Scenario(
         "mutual TLS: the API server's client CA",
         {"webhook": {"clientCA": PEM}},
         expect_kinds={"ConfigMap", "Pod"},
@@ -507,6 +512,8 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
         want["sandbox-namespaces"] = ",".join(values["sandboxNamespaces"])
     if values["webhook"]["clientCA"]:
         want["client-ca"] = "/etc/agentsecrets/client-ca/ca.crt"
+    feed = values["feed"]
+    want["feed-listen"] = f"0.0.0.0:{feed['port']}" if feed["enabled"] else "off"
     fullname = RELEASE
     operator_tls = not values["certManager"]["enabled"]
     if operator_tls:

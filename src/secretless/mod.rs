@@ -274,3 +274,75 @@ fn admin_router(
             }),
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Command, FromArgMatches as _};
+
+    fn parse(args: &[&str]) -> Result<ProxyArgs, clap::Error> {
+        let command = ProxyArgs::augment_args(Command::new("proxy"));
+        let matches = command.try_get_matches_from(
+            ["proxy", "--ca-bundle", "/tmp/b.pem"]
+                .into_iter()
+                .chain(args.iter().copied()),
+        )?;
+        ProxyArgs::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn exactly_one_of_the_values_file_and_the_feed_is_required() {
+        assert!(parse(&["--values-file", "/v.json"]).is_ok());
+        let feed = parse(&[
+            "--feed-url",
+            "https://feed.agent-secrets.svc:8444/v1/feed",
+            "--feed-token-file",
+            "/t",
+            "--feed-ca-file",
+            "/ca.pem",
+        ])
+        .unwrap();
+        assert!(feed.values_file.is_none() && feed.feed_url.is_some());
+        assert!(parse(&[]).is_err(), "neither");
+        assert!(
+            parse(&[
+                "--values-file",
+                "/v.json",
+                "--feed-url",
+                "https://f/v1/feed",
+                "--feed-token-file",
+                "/t"
+            ])
+            .is_err(),
+            "both"
+        );
+        assert!(
+            parse(&["--feed-url", "https://f/v1/feed"]).is_err(),
+            "the feed needs its token"
+        );
+    }
+
+    #[test]
+    fn the_feed_needs_its_ca_as_text_or_file_and_an_https_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let missing = feed_config("https://f:8444/v1/feed", Some(token.clone()), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("AGENTSECRETS_PROXY_FEED_CA"), "{missing}");
+        let ca = rcgen::generate_simple_self_signed(vec!["f".to_owned()])
+            .unwrap()
+            .cert
+            .pem();
+        let config = feed_config(
+            "https://f:8444/v1/feed",
+            Some(token.clone()),
+            Some(ca),
+            None,
+        )
+        .unwrap();
+        assert_eq!(config.ca.len(), 1);
+        assert_eq!(config.token_file, token);
+        assert!(feed_config("http://f:8444/v1/feed", Some(token), None, None).is_err());
+    }
+}
