@@ -356,8 +356,15 @@ impl Feed {
         )
     }
 
-    /// One request to the feed: status and the first bytes of the body.
+    /// One request to the feed: status and its first line (or what came before an end).
     async fn get(&self, token: Option<&str>) -> (StatusCode, String) {
+        let response = self.open(token).await;
+        let status = response.status();
+        (status, first_line(response).await)
+    }
+
+    /// One request to the feed, its stream left open.
+    async fn open(&self, token: Option<&str>) -> Response<hyper::body::Incoming> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add_parsable_certificates(parse_ca(self.ca_pem.as_bytes()).unwrap());
         let tls = rustls::ClientConfig::builder()
@@ -377,24 +384,24 @@ impl Feed {
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        let response = client
+        client
             .request(request.body(Empty::new()).unwrap())
             .await
-            .unwrap();
-        let status = response.status();
-        let mut body = response.into_body();
-        let mut text = Vec::new();
-        // A stream never ends by itself: its first line is enough.
-        while !text.contains(&b'\n') {
-            match tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    text.extend_from_slice(&frame.into_data().unwrap_or_default())
-                }
-                _ => break,
-            }
-        }
-        (status, String::from_utf8_lossy(&text).into_owned())
+            .unwrap()
     }
+}
+
+async fn first_line(response: Response<hyper::body::Incoming>) -> String {
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    // A stream never ends by itself: its first line is enough.
+    while !text.contains(&b'\n') {
+        match tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
+            Ok(Some(Ok(frame))) => text.extend_from_slice(&frame.into_data().unwrap_or_default()),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 fn rand_suffix() -> u64 {
@@ -613,5 +620,33 @@ async fn the_source_reconnects_with_the_token_file_as_it_is_now_and_fails_closed
         "still usable after the feed stopped"
     );
     stop.cancel();
+    assert_logs_hold_no_secret();
+}
+
+#[tokio::test]
+async fn streams_past_the_cap_are_refused_with_503_until_one_ends() {
+    capture_logs();
+    let feed = Feed::start(FeedSettings {
+        max_streams: 1,
+        ..FeedSettings::default()
+    })
+    .await;
+    let held = feed.open(Some(TOKEN_AGENT)).await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let (status, body) = feed.get(Some(TOKEN_BOB)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    drop(held);
+    // The slot is freed once the server notices the client left (its next line at the latest).
+    let mut admitted = false;
+    for _ in 0..40 {
+        let (status, _) = feed.get(Some(TOKEN_BOB)).await;
+        if status == StatusCode::OK {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(admitted, "the slot was never freed");
+    feed.stop.cancel();
     assert_logs_hold_no_secret();
 }
