@@ -650,3 +650,101 @@ async fn streams_past_the_cap_are_refused_with_503_until_one_ends() {
     feed.stop.cancel();
     assert_logs_hold_no_secret();
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn readyz(port: u16) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn the_proxy_binary_becomes_ready_from_the_feed_with_its_ca_given_as_text() {
+    let feed = Feed::start(FeedSettings::default()).await;
+    let token_file = feed.dir.path().join("binary-token");
+    std::fs::write(&token_file, TOKEN_AGENT).unwrap();
+    let admin = free_port();
+    let log_path = feed.dir.path().join("proxy.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentsecrets"))
+        .args(["proxy", "--listen=127.0.0.1:0", "--log-format=text"])
+        .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+        .arg(format!(
+            "--ca-bundle={}",
+            feed.dir.path().join("bundle.pem").display()
+        ))
+        .arg(format!("--feed-url={}", feed.url()))
+        .arg(format!("--feed-token-file={}", token_file.display()))
+        .env("AGENTSECRETS_PROXY_FEED_CA", &feed.ca_pem)
+        .env("RUST_LOG", "debug")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut ready = false;
+    let until = tokio::time::Instant::now() + BUDGET;
+    while tokio::time::Instant::now() < until {
+        if readyz(admin).await == Some(200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(ready, "the proxy never became ready:\n{logs}");
+    assert!(
+        logs.contains("secretless values received from the feed"),
+        "{logs}"
+    );
+    for canary in canaries() {
+        assert!(!logs.contains(canary), "the proxy logged {canary}:\n{logs}");
+    }
+    feed.stop.cancel();
+}
+
+#[test]
+fn the_proxy_binary_refuses_a_feed_without_a_ca_or_over_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_agentsecrets"))
+            .args(["proxy", "--listen=127.0.0.1:0"])
+            .arg(format!(
+                "--ca-bundle={}",
+                dir.path().join("bundle.pem").display()
+            ))
+            .args(["--feed-token-file", "/nonexistent/token"])
+            .args(extra)
+            .env_remove("AGENTSECRETS_PROXY_FEED_CA")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--feed-url", "https://127.0.0.1:1/v1/feed"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("AGENTSECRETS_PROXY_FEED_CA"), "{stderr}");
+    let out = run(&[
+        "--feed-url",
+        "http://127.0.0.1:1/v1/feed",
+        "--feed-ca=-----BEGIN CERTIFICATE-----",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must be https"), "{stderr}");
+}
