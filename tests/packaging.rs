@@ -12,7 +12,7 @@ mod common {
     pub mod server;
 }
 
-use agent_secrets::bootstrap::{KEYRING_KEY, TLS_CRT, TLS_KEY};
+use agent_secrets::bootstrap::{CA_CRT, KEYRING_KEY, TLS_CRT, TLS_KEY};
 use clap::Parser as _;
 use serde::Deserialize as _;
 use serde_yaml::Value;
@@ -188,7 +188,7 @@ fn the_operator_owns_the_keyring_and_certificate_the_manifests_mount() {
     assert_eq!(keyring_volume["secret"]["optional"], true);
     assert_eq!(tls_volume["secret"]["optional"], true);
     assert_eq!(keys(&keyring_volume), [KEYRING_KEY]);
-    assert_eq!(keys(&tls_volume), [TLS_CRT, TLS_KEY]);
+    assert_eq!(keys(&tls_volume), [TLS_CRT, TLS_KEY, CA_CRT]);
     assert_eq!(
         flag(&args, "keyring"),
         Some(format!("/etc/agentsecrets/keyring/{KEYRING_KEY}"))
