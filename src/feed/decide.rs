@@ -250,9 +250,11 @@ pub struct FeedSecret<'a> {
 
 /// The one place that maps the cache's view of an AgentSecret to the feed's.
 ///
-/// MERGE POINT: once `CachedSecret` has `allowed_hosts`, `inject_as` and `allow_plain_http`
-/// (and the constraints its value is sealed with), map them here. Until then no secret is
-/// secretless-capable, so the feed serves empty snapshots.
+/// MERGE POINT: once `CachedSecret` has `allowed_hosts`, `inject_as`, `allow_plain_http` and
+/// `constraints` (the text its value is sealed with), map them here:
+/// `allowed_hosts: &cached.allowed_hosts, inject_as: &cached.inject_as,
+/// allow_plain_http: cached.allow_plain_http, constraints: Cow::Borrowed(&cached.constraints)`.
+/// Until then no secret is secretless-capable, so the feed serves empty snapshots.
 pub fn feed_secret(cached: &CachedSecret) -> FeedSecret<'_> {
     FeedSecret {
         namespace: &cached.namespace,
@@ -982,14 +984,9 @@ mod tests {
     #[test]
     fn the_adapter_keeps_identity_and_sealed_value_of_the_cached_secret() {
         let keyring = crate::testing::keyring("k1");
-        let s = stored(&keyring, "a", "alice", "A_TOKEN", "v", &[]);
-        let cached = CachedSecret {
-            namespace: "sandboxes".into(),
-            name: "a".into(),
-            owner: "alice".into(),
-            env_name: "A_TOKEN".into(),
-            sealed: s.sealed,
-        };
+        let object =
+            crate::testing::agent_secret("sandboxes", "a", "alice", "A_TOKEN", &keyring, "v");
+        let cached = CachedSecret::from_object(&object).unwrap();
         let view = feed_secret(&cached);
         assert_eq!(
             (view.namespace, view.name, view.owner, view.env_name),
