@@ -172,6 +172,11 @@ SCENARIOS = [
         expect_kinds={"ClusterRole", "RoleBinding", "ValidatingAdmissionPolicy"},
     ),
     Scenario(
+        "secretless value feed off",
+        {"feed": {"enabled": False}},
+        expect_kinds={"ClusterRole", "Service"},
+    ),
+    Scenario(
         "mutual TLS: the API server's client CA",
         {"webhook": {"clientCA": PEM}},
         expect_kinds={"ConfigMap", "Pod"},
@@ -507,6 +512,8 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
         want["sandbox-namespaces"] = ",".join(values["sandboxNamespaces"])
     if values["webhook"]["clientCA"]:
         want["client-ca"] = "/etc/agentsecrets/client-ca/ca.crt"
+    feed = values["feed"]
+    want["feed-listen"] = f"0.0.0.0:{feed['port']}" if feed["enabled"] else "off"
     fullname = RELEASE
     operator_tls = not values["certManager"]["enabled"]
     if operator_tls:
@@ -562,8 +569,9 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
     secrets = {v.get("secret", {}).get("secretName"): v["secret"] for v in pod["volumes"] if "secret" in v}
     # Both Secrets may be written after the pod starts; the operator waits for the files.
     tls_volume = secrets.get(f"{fullname}-tls", {})
-    if not tls_volume.get("optional") or [i["key"] for i in tls_volume.get("items", [])] != ["tls.crt", "tls.key"]:
-        findings.fail(f"the TLS Secret must be mounted optional, tls.crt and tls.key only: {tls_volume}")
+    # ca.crt: the feed's CA, which the webhook hands to secretless pods; never ca.key.
+    if not tls_volume.get("optional") or [i["key"] for i in tls_volume.get("items", [])] != ["tls.crt", "tls.key", "ca.crt"]:
+        findings.fail(f"the TLS Secret must be mounted optional, tls.crt, tls.key and ca.crt only: {tls_volume}")
     keyring_volume = secrets.get(keyring_secret, {})
     if bool(keyring_volume.get("optional")) != (not values["keyring"]["existingSecret"]):
         findings.fail(f"the keyring Secret {keyring_secret} must be optional exactly when the operator creates it")

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod crypto;
+pub mod feed;
 pub mod run;
 pub mod secretless;
 pub mod signal;

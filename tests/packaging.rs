@@ -12,7 +12,7 @@ mod common {
     pub mod server;
 }
 
-use agent_secrets::bootstrap::{KEYRING_KEY, TLS_CRT, TLS_KEY};
+use agent_secrets::bootstrap::{CA_CRT, KEYRING_KEY, TLS_CRT, TLS_KEY};
 use clap::Parser as _;
 use serde::Deserialize as _;
 use serde_yaml::Value;
@@ -188,7 +188,7 @@ fn the_operator_owns_the_keyring_and_certificate_the_manifests_mount() {
     assert_eq!(keyring_volume["secret"]["optional"], true);
     assert_eq!(tls_volume["secret"]["optional"], true);
     assert_eq!(keys(&keyring_volume), [KEYRING_KEY]);
-    assert_eq!(keys(&tls_volume), [TLS_CRT, TLS_KEY]);
+    assert_eq!(keys(&tls_volume), [TLS_CRT, TLS_KEY, CA_CRT]);
     assert_eq!(
         flag(&args, "keyring"),
         Some(format!("/etc/agentsecrets/keyring/{KEYRING_KEY}"))
@@ -246,6 +246,64 @@ fn the_operator_owns_the_keyring_and_certificate_the_manifests_mount() {
         Value::from(vec![configuration])
     );
     assert_eq!(webhook_rules[0]["verbs"], Value::from(vec!["get", "patch"]));
+}
+
+/// The secretless value feed: the binary listens where the container port `feed` is, the
+/// Service exposes it as `feed` 8444, and RBAC grants what the feed calls (TokenReview create,
+/// pod get) and nothing wider.
+#[test]
+fn the_feed_port_and_its_rbac_match_what_the_binary_serves_and_calls() {
+    let docs = documents(&read("manifests/agent-secrets.yaml"));
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let cli = agent_secrets::cli::Cli::try_parse_from(
+        std::iter::once("agentsecrets".to_owned()).chain(args),
+    )
+    .unwrap();
+    let agent_secrets::cli::Command::Run(run) = cli.command else {
+        panic!("the container does not run `agentsecrets run`");
+    };
+    let agent_secrets::feed::FeedListen::On(listen) = run.feed_listen else {
+        panic!("the manifests turn the feed off");
+    };
+    let port = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "feed")
+        .expect("a container port named feed");
+    assert_eq!(port["containerPort"], u64::from(listen.port()));
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    let exposed = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "feed")
+        .expect("a Service port named feed");
+    assert_eq!(exposed["port"], 8444);
+    assert_eq!(exposed["targetPort"], "feed");
+
+    let cluster_role = named(&docs, "ClusterRole", "agent-secrets");
+    let rules = cluster_role["rules"].as_sequence().unwrap();
+    let granted = |group: &str, resource: &str| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| {
+                r["apiGroups"] == Value::from(vec![group])
+                    && r["resources"] == Value::from(vec![resource])
+            })
+            .flat_map(|r| r["verbs"].as_sequence().unwrap().iter())
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(granted("authentication.k8s.io", "tokenreviews"), ["create"]);
+    assert_eq!(granted("", "pods"), ["list", "watch", "get"]);
 }
 
 /// `helm test` posts charts/agent-secrets/files/helm-test-review.json to /mutate/pods over TLS

@@ -107,6 +107,14 @@ pub struct RunArgs {
         default_value = "json"
     )]
     pub log_format: LogFormat,
+    /// Address of the HTTPS value feed of secretless pods' proxies (same serving certificate as
+    /// the webhook, no client certificate), or `off`.
+    #[arg(long, env = "AGENTSECRETS_FEED_LISTEN", default_value = crate::feed::DEFAULT_FEED_LISTEN, value_parser = crate::feed::parse_feed_listen)]
+    pub feed_listen: crate::feed::FeedListen,
+    /// Most feed streams open at once (one per running secretless pod); past it the feed
+    /// answers 503 and the proxy retries.
+    #[arg(long, env = "AGENTSECRETS_FEED_MAX_STREAMS", default_value_t = crate::feed::DEFAULT_MAX_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub feed_max_streams: u32,
 }
 
 /// What the operator creates and keeps for itself at run time, in its own namespace
@@ -337,5 +345,18 @@ mod tests {
         assert!(parse_duration("15").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn the_feed_listens_on_8444_unless_off() {
+        assert_eq!(
+            run_args(&[]).feed_listen,
+            crate::feed::FeedListen::On("0.0.0.0:8444".parse().unwrap())
+        );
+        assert_eq!(
+            run_args(&["--feed-listen", "off"]).feed_listen,
+            crate::feed::FeedListen::Off
+        );
+        assert_eq!(run_args(&["--feed-max-streams", "7"]).feed_max_streams, 7);
     }
 }

@@ -77,6 +77,8 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         #[cfg(feature = "bench")]
         bench_synthetic_cache,
         log_format,
+        feed_listen,
+        feed_max_streams,
     } = args;
     // Benchmark builds only: a synthetic cache instead of a cluster.
     #[cfg(feature = "bench")]
@@ -105,6 +107,13 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     };
     let webhook_listener = server::bind(webhook_addr)
         .with_context(|| format!("failed to listen on {webhook_addr}"))?;
+    // The feed needs the API server (TokenReview, pods): off in benchmark mode.
+    let feed_listener = match (feed_listen, &client) {
+        (crate::feed::FeedListen::On(addr), Some(_)) => {
+            Some(server::bind(addr).with_context(|| format!("failed to listen on {addr}"))?)
+        }
+        _ => None,
+    };
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("failed to listen on {admin_addr}"))?;
@@ -185,6 +194,37 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 Ok(())
             });
         }
+    }
+    if let (Some(listener), Some(client)) = (feed_listener, client.clone()) {
+        // Its own TLS configuration: the webhook's may require the API server's client
+        // certificate, which a sandbox's proxy does not have.
+        let (cert, key, stop) = (tls_cert.clone(), tls_key.clone(), stop.clone());
+        let feed = crate::feed::FeedState::new(
+            client,
+            state.index.clone(),
+            state.keyring.clone(),
+            crate::feed::FeedSettings {
+                max_streams: feed_max_streams as usize,
+                ..crate::feed::FeedSettings::default()
+            },
+            stop.clone(),
+        );
+        tasks.spawn(async move {
+            let Some(tls) = wait_for_tls(&cert, &key, None, &stop).await else {
+                return Ok(());
+            };
+            let reload = server::watch_tls_files(
+                tls.clone(),
+                cert,
+                key,
+                None,
+                reload_interval,
+                stop.clone().cancelled_owned(),
+            );
+            let serve = crate::feed::serve_feed(listener, tls, feed, stop.cancelled_owned());
+            let (served, ()) = tokio::join!(serve, reload);
+            served.context("feed server failed")
+        });
     }
     {
         let stop = stop.clone();

@@ -4,6 +4,7 @@
 //! See docs/secretless.md for the design, the threat model and the contract with the webhook.
 
 pub mod ca;
+pub mod feed_client;
 pub mod mask;
 pub mod metrics;
 pub mod policy;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use ca::CertAuthority;
+pub use feed_client::{FeedConfig, FeedSource};
 pub use metrics::ProxyMetrics;
 pub use proxy::{Proxy, UpstreamOptions};
 pub use snapshot::{EgressMode, Entry, HostPattern, Placement, Snapshot};
@@ -38,9 +40,40 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub allow_non_loopback: bool,
     /// JSON file of placeholders, values, allowed hosts and placements (reloaded within a
-    /// second of a change; see docs/secretless.md).
-    #[arg(long, env = "AGENTSECRETS_PROXY_VALUES_FILE", value_name = "FILE")]
-    pub values_file: PathBuf,
+    /// second of a change; see docs/secretless.md). For tests and manual use; exactly one of
+    /// --values-file and --feed-url.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_PROXY_VALUES_FILE",
+        value_name = "FILE",
+        required_unless_present = "feed_url",
+        conflicts_with = "feed_url"
+    )]
+    pub values_file: Option<PathBuf>,
+    /// The operator's feed, `https://HOST:PORT/v1/feed`, streaming this pod's values.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_PROXY_FEED_URL",
+        value_name = "URL",
+        requires = "feed_token_file"
+    )]
+    pub feed_url: Option<String>,
+    /// The pod's projected service-account token for the feed (audience agentsecrets.io/feed),
+    /// read afresh at every connection.
+    #[arg(long, env = "AGENTSECRETS_PROXY_FEED_TOKEN_FILE", value_name = "FILE")]
+    pub feed_token_file: Option<PathBuf>,
+    /// The feed's CA certificate as PEM text (the webhook sets it in the sidecar's env).
+    #[arg(
+        long,
+        env = "AGENTSECRETS_PROXY_FEED_CA",
+        value_name = "PEM",
+        hide_env_values = true,
+        conflicts_with = "feed_ca_file"
+    )]
+    pub feed_ca: Option<String>,
+    /// The feed's CA certificate, a PEM file.
+    #[arg(long, env = "AGENTSECRETS_PROXY_FEED_CA_FILE", value_name = "FILE")]
+    pub feed_ca_file: Option<PathBuf>,
     /// Where to write the CA bundle the sandbox trusts (the per-pod CA, then the Mozilla
     /// roots). Written before the proxy accepts connections.
     #[arg(long, env = "AGENTSECRETS_PROXY_CA_BUNDLE", value_name = "FILE")]
@@ -92,6 +125,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         listen,
         allow_non_loopback,
         values_file,
+        feed_url,
+        feed_token_file,
+        feed_ca,
+        feed_ca_file,
         ca_bundle,
         upstream_ca,
         resolve,
@@ -105,7 +142,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         );
     }
     let stop = CancellationToken::new();
-    let source = FileSource::spawn(values_file, stop.clone())?;
+    let source: Arc<dyn ValueSource> = match (values_file, feed_url) {
+        (Some(path), None) => FileSource::spawn(path, stop.clone())?,
+        (None, Some(url)) => {
+            let config = feed_config(&url, feed_token_file, feed_ca, feed_ca_file)?;
+            tracing::info!(url = %config.url, "secretless values from the operator feed");
+            FeedSource::spawn(config, stop.clone())?
+        }
+        _ => anyhow::bail!("exactly one of --values-file and --feed-url is required"),
+    };
     let ca = Arc::new(CertAuthority::generate()?);
     ca.write_bundle(&ca_bundle)?;
     let roots = upstream_ca
@@ -164,6 +209,31 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The feed client's configuration from its flags.
+fn feed_config(
+    url: &str,
+    token_file: Option<PathBuf>,
+    ca: Option<String>,
+    ca_file: Option<PathBuf>,
+) -> anyhow::Result<FeedConfig> {
+    let url = feed_client::parse_url(url)?;
+    let token_file = token_file.context("--feed-url needs --feed-token-file")?;
+    let ca = match (ca, ca_file) {
+        (Some(pem), None) => feed_client::parse_ca(pem.as_bytes())
+            .context("failed to use AGENTSECRETS_PROXY_FEED_CA (--feed-ca)")?,
+        (None, Some(path)) => {
+            let pem = std::fs::read(&path)
+                .with_context(|| format!("failed to read {}", path.display()))?;
+            feed_client::parse_ca(&pem)
+                .with_context(|| format!("failed to use the feed CA {}", path.display()))?
+        }
+        _ => anyhow::bail!(
+            "--feed-url needs the feed's CA: --feed-ca (AGENTSECRETS_PROXY_FEED_CA, PEM text) or --feed-ca-file"
+        ),
+    };
+    Ok(FeedConfig::new(url, token_file, ca))
+}
+
 fn admin_router(
     snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<ProxyMetrics>,
@@ -203,4 +273,76 @@ fn admin_router(
                 }
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Command, FromArgMatches as _};
+
+    fn parse(args: &[&str]) -> Result<ProxyArgs, clap::Error> {
+        let command = ProxyArgs::augment_args(Command::new("proxy"));
+        let matches = command.try_get_matches_from(
+            ["proxy", "--ca-bundle", "/tmp/b.pem"]
+                .into_iter()
+                .chain(args.iter().copied()),
+        )?;
+        ProxyArgs::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn exactly_one_of_the_values_file_and_the_feed_is_required() {
+        assert!(parse(&["--values-file", "/v.json"]).is_ok());
+        let feed = parse(&[
+            "--feed-url",
+            "https://feed.agent-secrets.svc:8444/v1/feed",
+            "--feed-token-file",
+            "/t",
+            "--feed-ca-file",
+            "/ca.pem",
+        ])
+        .unwrap();
+        assert!(feed.values_file.is_none() && feed.feed_url.is_some());
+        assert!(parse(&[]).is_err(), "neither");
+        assert!(
+            parse(&[
+                "--values-file",
+                "/v.json",
+                "--feed-url",
+                "https://f/v1/feed",
+                "--feed-token-file",
+                "/t"
+            ])
+            .is_err(),
+            "both"
+        );
+        assert!(
+            parse(&["--feed-url", "https://f/v1/feed"]).is_err(),
+            "the feed needs its token"
+        );
+    }
+
+    #[test]
+    fn the_feed_needs_its_ca_as_text_or_file_and_an_https_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let missing = feed_config("https://f:8444/v1/feed", Some(token.clone()), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("AGENTSECRETS_PROXY_FEED_CA"), "{missing}");
+        let ca = rcgen::generate_simple_self_signed(vec!["f".to_owned()])
+            .unwrap()
+            .cert
+            .pem();
+        let config = feed_config(
+            "https://f:8444/v1/feed",
+            Some(token.clone()),
+            Some(ca),
+            None,
+        )
+        .unwrap();
+        assert_eq!(config.ca.len(), 1);
+        assert_eq!(config.token_file, token);
+        assert!(feed_config("http://f:8444/v1/feed", Some(token), None, None).is_err());
+    }
 }

@@ -209,6 +209,9 @@ impl Entry {
 pub enum Unusable {
     Unreadable,
     Invalid,
+    /// The operator feed has not confirmed the current secrets (no snapshot yet, or no line
+    /// for longer than the feed's budget).
+    Unconfirmed,
 }
 
 /// The proxy's whole configuration at one moment.

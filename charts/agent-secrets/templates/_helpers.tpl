@@ -258,6 +258,13 @@ a ClusterRole bound in each sandbox namespace only.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+{{- if .Values.feed.enabled }}
+# Pods: the value feed reads the pod a proxy's token is bound to, to check it is a secretless
+# sandbox and whose (get).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get"]
+{{- end }}
 {{- end }}
 
 {{/*
