@@ -213,12 +213,15 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             let Some(tls) = wait_for_tls(&cert, &key, None, &stop).await else {
                 return Ok(());
             };
+            // The webhook's watcher of the same files reports their expiry and failed
+            // reloads; this one must not count them twice.
             let reload = server::watch_tls_files(
                 tls.clone(),
                 cert,
                 key,
                 None,
                 reload_interval,
+                Arc::new(Metrics::default()),
                 stop.clone().cancelled_owned(),
             );
             let serve = crate::feed::serve_feed(listener, tls, feed, stop.cancelled_owned());
