@@ -65,6 +65,7 @@ pub fn agent_secret(
             description: None,
             value: None,
             sealed: Some(sealed(keyring, namespace, owner, env_name, value)),
+            ..Default::default()
         },
         status: None,
     }

@@ -75,10 +75,11 @@ pub fn prepare(
         }
         if let Some(value) = secret.spec.value.take() {
             let ns = secret.namespace().unwrap_or_default();
+            let constraints = secret.spec.constraints();
             let sealed = keyring
                 .seal(
                     value.expose().as_bytes(),
-                    secret.spec.seal_context(&ns),
+                    secret.spec.seal_context(&ns, &constraints),
                     crate::api::now_seconds(),
                 )
                 .with_context(|| {

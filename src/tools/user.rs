@@ -211,6 +211,7 @@ pub async fn set(args: SetArgs, reader: &mut dyn ValueReader) -> anyhow::Result<
                     description,
                     value: Some(value),
                     sealed: None,
+                    ..Default::default()
                 },
             );
             let params = PostParams {
@@ -393,6 +394,7 @@ mod tests {
                 description: Some("X API".into()),
                 value: Some(SecretString::new("canary-card".into())),
                 sealed: None,
+                ..Default::default()
             },
         );
         object.metadata.namespace = Some("sandboxes".into());

@@ -38,7 +38,8 @@ pub enum Action {
     Kept,
     /// Only the plaintext copy in the last-applied annotation was removed.
     Scrubbed,
-    /// The envName changed: the stored value was opened and sealed for the new name.
+    /// The envName or the constraints (allowed hosts, placements, plain HTTP) changed: the
+    /// stored value was opened and sealed for the new binding.
     Resealed,
 }
 
@@ -103,6 +104,9 @@ pub fn mutate(
     if let Err(e) = validate_env_name(&spec.env_name, &policy.extra_reserved_env_names) {
         return Decision::Deny(format!("spec.envName: {e}"));
     }
+    if let Err(e) = spec.validate_constraints() {
+        return Decision::Deny(e.to_string());
+    }
     let old = request
         .old_object
         .as_ref()
@@ -124,8 +128,14 @@ pub fn mutate(
         ));
     }
 
-    let ctx = spec.seal_context(&namespace);
+    let constraints = spec.constraints();
+    let ctx = spec.seal_context(&namespace, &constraints);
     let old_sealed = old.and_then(|old| old.spec.sealed.as_ref().map(|s| (old, s)));
+    // What the stored value is bound to besides namespace and owner: a change of either
+    // (a rename, or other allowed hosts, placements or schemes) needs the value re-sealed.
+    let binding_changed = |old: &AgentSecret| {
+        old.spec.env_name != spec.env_name || old.spec.constraints() != constraints
+    };
     let value = spec
         .value
         .as_ref()
@@ -146,7 +156,7 @@ pub fn mutate(
             // Re-applying the same value keeps the stored sealed value, so the apply is a
             // no-op. The comparison runs in constant time.
             let same = old_sealed.filter(|(old, sealed)| {
-                old.spec.env_name == spec.env_name
+                !binding_changed(old)
                     && sealed
                         .open(keyring, ctx)
                         .is_ok_and(|stored| stored.ct_eq(plaintext.as_bytes()))
@@ -168,22 +178,23 @@ pub fn mutate(
         None => match (&spec.sealed, old_sealed) {
             // Unchanged sealed value and env name (metadata or description edit): nothing to
             // check.
-            (Some(new), Some((old, stored)))
-                if new == stored && old.spec.env_name == spec.env_name =>
-            {
+            (Some(new), Some((old, stored))) if new == stored && !binding_changed(old) => {
                 action = Action::Kept;
                 None
             }
-            // A rename keeps the value: open it for the old name, seal it for the new one.
+            // A rename, or a change of allowed hosts, placements or schemes, keeps the value:
+            // open it for the old binding, seal it for the new one.
             (None, Some((old, stored))) | (Some(_), Some((old, stored)))
-                if old.spec.env_name != spec.env_name
-                    && spec.sealed.as_ref().is_none_or(|new| new == stored) =>
+                if binding_changed(old) && spec.sealed.as_ref().is_none_or(|new| new == stored) =>
             {
                 let Some(keyring) = keyring else {
-                    return no_keyring("the value cannot be re-sealed for the new envName");
+                    return no_keyring(
+                        "the value cannot be re-sealed for the new envName or constraints",
+                    );
                 };
+                let old_constraints = old.spec.constraints();
                 let resealed = stored.decode().and_then(|envelope| {
-                    let from = old.spec.seal_context(&namespace);
+                    let from = old.spec.seal_context(&namespace, &old_constraints);
                     Ok(keyring.reseal(&envelope, from, ctx, now)?)
                 });
                 match resealed {
@@ -193,7 +204,7 @@ pub fn mutate(
                     }
                     Err(e) => {
                         return Decision::Deny(format!(
-                            "the stored value cannot be re-sealed for envName {}: {e}; set spec.value again",
+                            "the stored value cannot be re-sealed for envName {} and its allowed hosts: {e}; set spec.value again",
                             spec.env_name
                         ));
                     }
