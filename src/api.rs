@@ -838,6 +838,58 @@ mod tests {
         assert_eq!(t.decode().unwrap_err(), SealedError::UnknownFormat(9));
     }
 
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn constraints_are_empty_when_none_are_set_so_existing_values_open() {
+        assert_eq!(constraints_of(&[], &[], false), "");
+        assert_eq!(AgentSecretSpec::default().constraints(), "");
+        let spec = AgentSecretSpec {
+            allowed_hosts: Some(vec![]),
+            inject_as: Some(vec![]),
+            allow_plain_http: Some(false),
+            ..AgentSecretSpec::default()
+        };
+        assert_eq!(spec.constraints(), "");
+    }
+
+    #[test]
+    fn constraints_are_canonical_and_tell_every_field_apart() {
+        let hosts = constraints_of(&strings(&["b.x.com", "A.x.com", "a.x.com"]), &[], false);
+        assert_eq!(hosts, r#"allowedHosts=["a.x.com","b.x.com"]"#);
+        assert_eq!(
+            constraints_of(
+                &strings(&["a.x.com"]),
+                &strings(&["header:X-Key", "query:k"]),
+                true
+            ),
+            r#"allowedHosts=["a.x.com"];injectAs=["header:x-key","query:k"];allowPlainHttp=true"#
+        );
+        // A host and a placement of the same text, or a comma inside an item, never collide.
+        let distinct = [
+            constraints_of(&strings(&["a.com"]), &[], false),
+            constraints_of(&[], &strings(&["query:a.com"]), false),
+            constraints_of(&strings(&["a.com", "b.com"]), &[], false),
+            constraints_of(&strings(&["a.com,b.com"]), &[], false),
+            constraints_of(&strings(&["a.com"]), &[], true),
+        ];
+        let set: std::collections::BTreeSet<&String> = distinct.iter().collect();
+        assert_eq!(set.len(), distinct.len(), "{distinct:?}");
+    }
+
+    #[test]
+    fn the_header_rule_admits_exactly_the_characters_the_proxy_accepts() {
+        for byte in 0u8..128 {
+            let c = char::from(byte);
+            let parsed = Placement::parse(&format!("header:{c}")).is_some();
+            let in_rule = c.is_ascii_alphanumeric() || "-!#$%&'*+.^_`|~".contains(c);
+            assert_eq!(parsed, in_rule, "{c:?}");
+        }
+        assert!(placement_rule().contains(HEADER_NAME_CHARS));
+    }
+
     /// The CRD's size bounds follow from the crypto constants: a maximal value must fit, and
     /// nothing larger than the webhook accepts may be stored.
     #[test]

@@ -71,6 +71,28 @@ pub fn agent_secret(
     }
 }
 
+/// [`agent_secret`] for secretless sandboxes: allowed for `hosts`, its value sealed with
+/// those constraints.
+pub fn secretless_agent_secret(
+    namespace: &str,
+    name: &str,
+    owner: &str,
+    env_name: &str,
+    keyring: &Keyring,
+    value: &str,
+    hosts: &[&str],
+) -> AgentSecret {
+    let mut object = agent_secret(namespace, name, owner, env_name, keyring, value);
+    object.spec.allowed_hosts = Some(hosts.iter().map(|h| (*h).to_owned()).collect());
+    let constraints = object.spec.constraints();
+    let ctx = object.spec.seal_context(namespace, &constraints);
+    let sealed = keyring
+        .seal(value.as_bytes(), ctx, SEALED_AT)
+        .expect("sealed");
+    object.spec.sealed = Some(SealedValue::encode(&sealed));
+    object
+}
+
 // ---------------------------------------------------------------------------------------
 // Controller context over a mocked API server (tower-test), and its verifier
 

@@ -312,3 +312,152 @@ fn scrub_last_applied(object: &AgentSecret, ops: &mut Vec<json_patch::PatchOpera
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use serde_json::json;
+
+    const NOW: i64 = testing::SEALED_AT + 60;
+
+    fn update(old: &AgentSecret, new: &AgentSecret) -> Request<AgentSecret> {
+        serde_json::from_value(json!({
+            "uid": "u1", "kind": {"group": "agentsecrets.io", "version": "v1alpha1", "kind": "AgentSecret"},
+            "operation": "UPDATE", "namespace": "ns", "name": "token", "userInfo": {"username": "alice"},
+            "object": new, "oldObject": old
+        }))
+        .unwrap()
+    }
+
+    fn patched_sealed(decision: Decision) -> (SealedValue, Action) {
+        let Decision::Patch { patch, action } = decision else {
+            panic!("expected a patch, got {decision:?}");
+        };
+        let mut doc = json!({"spec": {}});
+        json_patch::patch(&mut doc, &patch).unwrap();
+        (
+            serde_json::from_value(doc["spec"]["sealed"].clone()).unwrap(),
+            action,
+        )
+    }
+
+    #[test]
+    fn changing_allowed_hosts_reseals_the_value_for_the_new_hosts() {
+        let keyring = testing::keyring("k1");
+        let old = testing::agent_secret("ns", "token", "alice", "TOKEN", &keyring, "v");
+        let mut new = old.clone();
+        new.spec.allowed_hosts = Some(vec!["api.x.com".into()]);
+        let decision = mutate(
+            &update(&old, &new),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        let (sealed, action) = patched_sealed(decision);
+        assert_eq!(action, Action::Resealed);
+        let constraints = new.spec.constraints();
+        assert!(!constraints.is_empty());
+        let opened = sealed
+            .open(&keyring, new.spec.seal_context("ns", &constraints))
+            .unwrap();
+        assert_eq!(opened.expose(), b"v");
+        // Bound to the hosts: the same ciphertext under other (or no) constraints does not open.
+        assert!(
+            sealed
+                .open(&keyring, new.spec.seal_context("ns", ""))
+                .is_err()
+        );
+        let mut wider = new.spec.clone();
+        wider.allowed_hosts = Some(vec!["api.x.com".into(), "evil.example".into()]);
+        let wider_constraints = wider.constraints();
+        assert!(
+            sealed
+                .open(&keyring, wider.seal_context("ns", &wider_constraints))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_client_supplied_sealed_value_must_open_for_the_new_constraints() {
+        let keyring = testing::keyring("k1");
+        let old = testing::agent_secret("ns", "token", "alice", "TOKEN", &keyring, "v");
+        // A sealed value from elsewhere, sealed without constraints, submitted with hosts:
+        // widening what the value may be used for goes through a re-seal, never a copy.
+        let mut new = old.clone();
+        new.spec.allowed_hosts = Some(vec!["api.x.com".into()]);
+        new.spec.sealed = Some(testing::sealed(&keyring, "ns", "alice", "TOKEN", "other"));
+        let decision = mutate(
+            &update(&old, &new),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        let Decision::Deny(message) = decision else {
+            panic!("expected a denial, got {decision:?}");
+        };
+        assert!(message.contains("does not open"), "{message}");
+    }
+
+    #[test]
+    fn reordering_allowed_hosts_keeps_the_stored_value() {
+        let keyring = testing::keyring("k1");
+        let old = testing::secretless_agent_secret(
+            "ns",
+            "token",
+            "alice",
+            "TOKEN",
+            &keyring,
+            "v",
+            &["a.x.com", "b.x.com"],
+        );
+        let mut new = old.clone();
+        new.spec.allowed_hosts = Some(vec!["B.x.com".into(), "a.x.com".into()]);
+        let decision = mutate(
+            &update(&old, &new),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        assert_eq!(decision, Decision::Allow);
+    }
+
+    #[test]
+    fn invalid_allowed_hosts_and_placements_are_refused() {
+        let keyring = testing::keyring("k1");
+        let old = testing::agent_secret("ns", "token", "alice", "TOKEN", &keyring, "v");
+        for (hosts, inject_as, needle) in [
+            (vec!["https://api.x.com"], vec![], "spec.allowedHosts entry"),
+            (vec!["*.com"], vec![], "spec.allowedHosts entry"),
+            (vec!["api.x.com"], vec!["cookie:x"], "spec.injectAs entry"),
+        ] {
+            let mut new = old.clone();
+            new.spec.allowed_hosts = Some(hosts.iter().map(|h| (*h).to_owned()).collect());
+            new.spec.inject_as = Some(inject_as.iter().map(|h| (*h).to_owned()).collect());
+            let decision = mutate(
+                &update(&old, &new),
+                Some(&keyring),
+                &SecretIndex::default(),
+                &Policy::default(),
+                NOW,
+            );
+            let Decision::Deny(message) = decision else {
+                panic!("expected a denial, got {decision:?}");
+            };
+            assert!(message.contains(needle), "{message}");
+        }
+        let mut many = old.clone();
+        many.spec.allowed_hosts = Some((0..33).map(|i| format!("h{i}.x.com")).collect());
+        let decision = mutate(
+            &update(&old, &many),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        assert!(matches!(decision, Decision::Deny(m) if m.contains("at most 32")));
+    }
+}
