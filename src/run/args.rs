@@ -402,6 +402,55 @@ mod tests {
     }
 
     #[test]
+    fn secretless_flags_parse_into_the_policy() {
+        let defaults = run_args(&["--feed-service-host", "feed.ops.svc"])
+            .policy
+            .secretless;
+        let policy = defaults.policy();
+        assert_eq!(policy.unscoped, crate::webhook::pod::Unscoped::Refuse);
+        assert!(!policy.namespaces.contains("any"));
+        assert_eq!(policy.proxy_image, None);
+        assert_eq!(
+            policy.feed_url.as_deref(),
+            Some("https://feed.ops.svc:8444/v1/feed")
+        );
+        let set = run_args(&[
+            "--secretless-namespaces",
+            "team-a, team-b",
+            "--secretless-unscoped",
+            "env",
+            "--proxy-image",
+            "registry.example/agent-secrets:1",
+            "--feed-service-host",
+            "feed.ops.svc:9444",
+        ])
+        .policy
+        .secretless
+        .policy();
+        assert!(set.namespaces.contains("team-b") && !set.namespaces.contains("team-c"));
+        assert_eq!(set.unscoped, crate::webhook::pod::Unscoped::Env);
+        assert_eq!(
+            set.proxy_image.as_deref(),
+            Some("registry.example/agent-secrets:1")
+        );
+        assert_eq!(
+            set.feed_url.as_deref(),
+            Some("https://feed.ops.svc:9444/v1/feed")
+        );
+        let all = run_args(&["--secretless-namespaces", "*"])
+            .policy
+            .secretless
+            .policy();
+        assert!(all.namespaces.contains("anything"));
+        let command = RunArgs::augment_args(Command::new("run"));
+        assert!(
+            command
+                .try_get_matches_from(["run", "--secretless-unscoped", "allow"])
+                .is_err()
+        );
+    }
+
+    #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
         assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
