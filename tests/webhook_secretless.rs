@@ -9,8 +9,6 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
-    pub mod keyring;
-    pub mod serve;
     pub mod server;
 }
 
@@ -236,6 +234,7 @@ async fn a_secretless_pod_gets_the_proxy_sidecar_and_placeholders_only() {
         annotations["agentsecrets.io/skipped"],
         "sandbox/X_BEARER_TOKEN"
     );
+    assert_eq!(server.state.metrics.injected_secrets.get(), 2);
 }
 
 #[tokio::test]

@@ -183,8 +183,9 @@ pub struct PolicyArgs {
         default_value_t = crate::webhook::DEFAULT_MAX_UNADOPTED_POD_SECRETS
     )]
     pub max_unadopted_pod_secrets: usize,
+    // Boxed, so that `inject`'s arguments stay small next to the other commands'.
     #[command(flatten)]
-    pub secretless: SecretlessArgs,
+    pub secretless: Box<SecretlessArgs>,
 }
 
 /// Secretless sandboxes: which pods are secretless, and what their proxy sidecar runs and

@@ -232,7 +232,10 @@ impl Webhook {
             .unwrap_or_else(|| panic!("{name}: no spec.sealed"));
         assert_eq!(sealed.key_id, "cluster-test-kek");
         let plain = sealed
-            .open(&self.keyring, object.spec.seal_context(ns))
+            .open(
+                &self.keyring,
+                object.spec.seal_context(ns, &object.spec.constraints()),
+            )
             .unwrap();
         assert_eq!(plain.expose(), value.as_bytes(), "{name}");
         object

@@ -111,11 +111,14 @@ pub enum FeedCa {
     File(Arc<FeedCaFile>),
 }
 
+/// Modification time and length: a change of either means the file was replaced.
+type FileStamp = (SystemTime, u64);
+
 /// A CA file and what was last read from it.
 #[derive(Debug)]
 pub struct FeedCaFile {
     path: PathBuf,
-    last: Mutex<Option<((SystemTime, u64), Arc<str>)>>,
+    last: Mutex<Option<(FileStamp, Arc<str>)>>,
 }
 
 impl FeedCa {
@@ -368,7 +371,7 @@ impl Sidecar {
             let mut entries = env.iter().filter(|e| e.name == name);
             let entry = entries.next()?;
             (entries.next().is_none() && entry.value_from.is_none())
-                .then(|| entry.value.as_deref())
+                .then_some(entry.value.as_deref())
                 .flatten()
         };
         if env.len() != 3
