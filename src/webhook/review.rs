@@ -524,11 +524,26 @@ pub struct ServiceAccountTokenView {
 pub struct EnvVarView {
     pub name: String,
     /// Read for the entries secretless mode writes (placeholders, proxy settings), which are
-    /// never values.
-    #[serde(default)]
+    /// never values. Anything but a string is not one of those and is skipped unread, so a
+    /// malformed value never fails the review (whose error could quote it).
+    #[serde(default, deserialize_with = "string_or_skip")]
     pub value: Option<String>,
     #[serde(default)]
     pub value_from: Option<EnvSourceView>,
+}
+
+/// A string, or `None` for any other JSON (consumed without being kept).
+fn string_or_skip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Text(String),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Lenient::deserialize(d)? {
+        Lenient::Text(text) => Some(text),
+        Lenient::Other(_) => None,
+    })
 }
 
 /// A pod's own env values may be credentials: `Debug` names the entry only.
