@@ -444,3 +444,26 @@ async fn init_containers_get_placeholders_only_when_asked_and_the_proxy_never_do
     let second = patched(&pod, &server.review(&path, &again).await);
     assert_eq!(second, pod);
 }
+
+#[tokio::test]
+async fn a_secretless_pod_without_placeholder_secrets_needs_no_proxy_configuration() {
+    let mut policy = secretless_policy();
+    policy.secretless.unscoped = Unscoped::Env;
+    policy.secretless.proxy_image = None;
+    policy.secretless.feed_ca = FeedCa::file("/nonexistent/agentsecrets/ca.crt".into());
+    let server = serve(policy).await;
+    // bob's only secret has no allowedHosts: it goes by env, and no sidecar is added.
+    let (path, mut review) = fixture("pod_create_named.json");
+    let object = &mut review["request"]["object"];
+    object["metadata"]["labels"]["agentsecrets.io/owner"] = json!("bob");
+    object["metadata"]["annotations"][MODE_ANNOTATION] = json!("secretless");
+    let answer = server.review(&path, &review).await;
+    allowed(&answer);
+    let pod = patched(&review["request"]["object"], &answer);
+    assert!(pod["spec"].get("initContainers").is_none(), "{pod}");
+    assert!(
+        env_of(&pod["spec"]["containers"][0])["X_BEARER_TOKEN"]["valueFrom"]["secretKeyRef"]
+            .is_object()
+    );
+    assert_eq!(server.created().len(), 1);
+}

@@ -87,9 +87,20 @@ fn decide(
         return Ok(Decision::Allow);
     };
     let pod = sandbox.pod;
-    let sidecar = match secretless::mode(pod, sandbox.namespace, &policy.secretless)? {
+    let egress = match secretless::mode(pod, sandbox.namespace, &policy.secretless)? {
         Mode::Env => None,
-        Mode::Secretless(egress) => Some(policy.secretless.sidecar(egress)?),
+        Mode::Secretless(egress) => Some(egress),
+    };
+    // What the sidecar is made of is needed only when there is one to write or to recognise,
+    // so a misconfigured or briefly unreadable feed CA refuses only the pods that need it.
+    let has_proxy = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .any(|c| c.name == crate::api::PROXY_CONTAINER_NAME);
+    let mut sidecar = match egress {
+        Some(egress) if has_proxy => Some(policy.secretless.sidecar(egress)?),
+        _ => None,
     };
     // Checked before anything else, whether or not the owner has secrets: a proxy sidecar or
     // feed token this webhook did not write could receive the values from the feed.
@@ -97,15 +108,19 @@ fn decide(
     let selected = select::select(index, &sandbox)?;
     // Secretless pods get placeholders for secrets bound to hosts; the others follow
     // `--secretless-unscoped`.
-    let (placeholder_secrets, env_secrets): (BTreeMap<_, _>, BTreeMap<_, _>) = match &sidecar {
+    let (placeholder_secrets, env_secrets): (BTreeMap<_, _>, BTreeMap<_, _>) = match egress {
         None => (BTreeMap::new(), selected),
         Some(_) => selected
             .into_iter()
             .partition(|(_, secret)| secret.is_secretless_capable()),
     };
-    if sidecar.is_some()
-        && !env_secrets.is_empty()
-        && policy.secretless.unscoped == Unscoped::Refuse
+    if let Some(egress) = egress
+        && sidecar.is_none()
+        && !placeholder_secrets.is_empty()
+    {
+        sidecar = Some(policy.secretless.sidecar(egress)?);
+    }
+    if egress.is_some() && !env_secrets.is_empty() && policy.secretless.unscoped == Unscoped::Refuse
     {
         let names: Vec<String> = env_secrets
             .values()
@@ -194,12 +209,7 @@ fn decide(
             writer_of.containers(&mut writer, "initContainers", init_containers, &mut placed)?;
         }
         // After every operation addressing init containers by index: the sidecar goes first.
-        if !pod
-            .spec
-            .iter()
-            .flat_map(|s| s.init_containers.iter().flatten())
-            .any(|c| c.name == crate::api::PROXY_CONTAINER_NAME)
-        {
+        if !has_proxy {
             if spec.is_none() {
                 return Err("pod CREATE review carries a pod without spec".into());
             }
