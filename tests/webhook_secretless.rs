@@ -9,6 +9,7 @@ mod common {
     pub mod answers;
     pub mod client;
     pub mod fixtures;
+    pub mod keyring;
     pub mod server;
 }
 
@@ -466,4 +467,52 @@ async fn a_secretless_pod_without_placeholder_secrets_needs_no_proxy_configurati
             .is_object()
     );
     assert_eq!(server.created().len(), 1);
+}
+
+#[tokio::test]
+async fn binding_a_secret_to_hosts_reseals_its_value_for_them() {
+    let server = serve(secretless_policy()).await;
+    let (path, mut review) = fixture("agentsecret_update_replace_without_value.json");
+    // The stored object: bob's POSTGRES_PASSWORD, sealed without constraints.
+    let keyring = common::keyring::keyring(&server);
+    let stored = agent_secrets::testing::sealed(
+        &keyring,
+        NAMESPACE,
+        "bob",
+        "POSTGRES_PASSWORD",
+        "the-password",
+    );
+    let old = &mut review["request"]["oldObject"]["spec"];
+    old.as_object_mut().unwrap().remove("value");
+    old["sealed"] = serde_json::to_value(&stored).unwrap();
+    // The update binds it to a host and a header, and gives no value.
+    let spec = &mut review["request"]["object"]["spec"];
+    spec["allowedHosts"] = json!(["db.example.com"]);
+    spec["injectAs"] = json!(["header:X-Db-Password"]);
+    let answer = server.review(&path, &review).await;
+    allowed(&answer);
+    let updated: agent_secrets::api::AgentSecret =
+        serde_json::from_value(patched(&review["request"]["object"], &answer)).unwrap();
+    let resealed = updated.spec.sealed.clone().unwrap();
+    assert_ne!(resealed, stored);
+    let constraints = updated.spec.constraints();
+    let bound = updated.spec.seal_context(NAMESPACE, &constraints);
+    assert_eq!(
+        resealed.open(&keyring, bound).unwrap().expose(),
+        b"the-password"
+    );
+    assert!(
+        resealed
+            .open(&keyring, updated.spec.seal_context(NAMESPACE, ""))
+            .is_err(),
+        "bound to the hosts"
+    );
+
+    // A host the proxy could not parse is refused, as the CRD would.
+    review["request"]["object"]["spec"]["allowedHosts"] = json!(["https://db.example.com/"]);
+    let answer = server.review(&path, &review).await;
+    denied_with(
+        &answer,
+        "spec.allowedHosts entry \"https://db.example.com/\"",
+    );
 }
