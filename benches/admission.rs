@@ -150,6 +150,7 @@ fn admission(c: &mut Criterion) {
                 "sk-live-0123456789abcdef0123456789abcdef".into(),
             )),
             sealed: None,
+            ..Default::default()
         },
     );
     object.metadata.namespace = Some("bench".into());

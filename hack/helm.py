@@ -150,6 +150,7 @@ SCENARIOS = [
             "podAnnotations": {"example.com/a": "b"},
             "tolerations": [{"key": "dedicated", "operator": "Exists"}],
             "nodeSelector": {"kubernetes.io/os": "linux"},
+            "secretless": {"namespaces": ["*"], "unscoped": "env", "proxyImage": "registry.example/proxy:1"},
         },
         expect_kinds={"ServiceMonitor", "NetworkPolicy"},
         forbid_kinds={"PodDisruptionBudget", "Certificate", "Secret", "Pod"},
@@ -515,6 +516,12 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
     feed = values["feed"]
     want["feed-listen"] = f"0.0.0.0:{feed['port']}" if feed["enabled"] else "off"
     fullname = RELEASE
+    secretless = values["secretless"]
+    want["proxy-image"] = secretless["proxyImage"] or container["image"]
+    want["feed-service-host"] = f"{fullname}.{NAMESPACE}.svc"
+    if secretless["namespaces"]:
+        want["secretless-namespaces"] = ",".join(secretless["namespaces"])
+    want["secretless-unscoped"] = secretless["unscoped"]
     operator_tls = not values["certManager"]["enabled"]
     if operator_tls:
         want["tls-secret"] = f"{fullname}-tls"

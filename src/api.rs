@@ -17,6 +17,7 @@ use crate::crypto::{
     CryptoError, Envelope, Format, Keyring, NONCE_LEN, Plaintext, SealContext, TAG_LEN,
     WRAPPED_DEK_LEN,
 };
+use crate::secretless::{HostPattern, Placement};
 
 /// API group of every resource this project defines.
 pub const GROUP: &str = "agentsecrets.io";
@@ -52,6 +53,27 @@ pub const POD_SCOPED_LABEL: &str = "agentsecrets.io/pod-scoped";
 pub const REQUEST_UID_ANNOTATION: &str = "agentsecrets.io/request-uid";
 /// Annotation on pod-scoped Secrets: the pod's name, or its `generateName` prefix.
 pub const POD_ANNOTATION: &str = "agentsecrets.io/pod";
+
+/// Pod annotation choosing how a sandbox receives its secrets: `secretless` (placeholders in its
+/// environment, the values only in the egress proxy sidecar) or `env` (the values themselves).
+pub const MODE_ANNOTATION: &str = "agentsecrets.io/mode";
+/// Pod annotation of secretless pods: `open` (default) lets the sandbox reach hosts no secret
+/// mentions, `allowlist` only those some secret's `allowedHosts` match.
+pub const EGRESS_ANNOTATION: &str = "agentsecrets.io/egress";
+/// Pod annotation listing the env names injected as placeholders (informational, never trusted).
+pub const SECRETLESS_ANNOTATION: &str = "agentsecrets.io/secretless";
+/// Name of the egress proxy sidecar of a secretless pod.
+pub const PROXY_CONTAINER_NAME: &str = "agentsecrets-proxy";
+/// Env of the proxy sidecar only: `{"ENV_NAME": "placeholder"}` of the pod's secretless secrets.
+pub const PROXY_PLACEHOLDERS_ENV: &str = "AGENTSECRETS_PROXY_PLACEHOLDERS";
+/// Audience of the projected service-account token the proxy presents to the value feed.
+pub const FEED_AUDIENCE: &str = "agentsecrets.io/feed";
+/// Volume of the proxy's feed token.
+pub const FEED_TOKEN_VOLUME: &str = "agentsecrets-feed-token";
+/// Volume holding the proxy's CA bundle, mounted read-only into the sandbox containers.
+pub const PROXY_CA_VOLUME: &str = "agentsecrets-ca";
+/// Path of the operator's value feed.
+pub const FEED_PATH: &str = "/v1/feed";
 
 /// Client-side apply copies the whole manifest (value included) into this annotation.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -134,7 +156,7 @@ pub fn env_name_reserved_message() -> String {
 /// A user's credential, stored sealed and handed to that user's sandbox pods as an env var.
 // Each `printcolumn(..)` repeats `type_ = ".."`, which clippy mistakes for a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "agentsecrets.io",
     version = "v1alpha1",
@@ -179,6 +201,13 @@ pub fn env_name_reserved_message() -> String {
         description = "What the credential is for"
     ),
     printcolumn(
+        name = "Allowed Hosts",
+        type_ = "string",
+        json_path = ".spec.allowedHosts",
+        priority = "1",
+        description = "Hosts a secretless sandbox's proxy may send the value to"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -220,7 +249,68 @@ pub struct AgentSecretSpec {
     /// The value, encrypted. Written by agent-secrets only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<SealedValue>,
+
+    /// Hosts a secretless sandbox's egress proxy may send the value to: `api.example.com`
+    /// (exactly that host, any port) or `*.example.com` (any subdomain, not the apex). At most
+    /// 32. A secret with allowed hosts is injected into secretless pods as a placeholder; part
+    /// of what the sealed value is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "description": "A host name, an IPv4 address, or `*.` followed by a domain of at least two labels; no scheme, port or path.",
+        "x-kubernetes-validations": [{"rule": host_pattern_rule(), "message": HOST_PATTERN_MESSAGE}]
+    }))]
+    pub allowed_hosts: Option<Vec<String>>,
+
+    /// Where in a request the proxy may put the value: `header:NAME`, `basic-auth-password` or
+    /// `query:NAME`. Empty: any header (including the Basic auth password), never the query.
+    /// At most 16. Part of what the sealed value is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 256,
+        "description": "`header:NAME` (an HTTP header name), `basic-auth-password`, or `query:NAME` (a query parameter name without &, = or #).",
+        "x-kubernetes-validations": [{"rule": placement_rule(), "message": PLACEMENT_MESSAGE}]
+    }))]
+    pub inject_as: Option<Vec<String>>,
+
+    /// Whether the proxy may put the value into plain-HTTP requests (default: HTTPS only). Part
+    /// of what the sealed value is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plain_http: Option<bool>,
 }
+
+/// One DNS label, as [`HostPattern::parse`](crate::secretless::HostPattern::parse) accepts it
+/// (any case; the proxy compares lowercase).
+const HOST_LABEL: &str = "[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?";
+
+/// The CEL rule of an `allowedHosts` item: the grammar of
+/// [`HostPattern::parse`](crate::secretless::HostPattern::parse). Character classes instead of
+/// backslash escapes keep the rule readable through Rust, CEL and YAML quoting.
+pub fn host_pattern_rule() -> String {
+    let l = HOST_LABEL;
+    format!(
+        "self.size() <= (self.startsWith('*.') ? 255 : 253) && self.matches('^([*][.]{l}([.]{l})+|{l}([.]{l})*)$')"
+    )
+}
+const HOST_PATTERN_MESSAGE: &str = "spec.allowedHosts entries must be a host name (api.example.com), an IPv4 address, or *. followed by a domain of at least two labels (*.example.com); no scheme, port, path or trailing dot";
+
+/// HTTP header name characters (RFC 9110 `tchar`), as `http::HeaderName` accepts them.
+const HEADER_NAME_CHARS: &str = "-!#$%&'*+.^_`|~0-9A-Za-z";
+
+/// The CEL rule of an `injectAs` item: the grammar of
+/// [`Placement::parse`](crate::secretless::Placement::parse).
+pub fn placement_rule() -> String {
+    format!(
+        "self == 'basic-auth-password' || self.matches(\"^header:[{HEADER_NAME_CHARS}]+$\") || self.matches('^query:[^&=#]+$')"
+    )
+}
+const PLACEMENT_MESSAGE: &str = "spec.injectAs entries must be header:NAME (an HTTP header name), basic-auth-password, or query:NAME (a parameter name without &, = or #)";
 
 /// An envelope-encrypted value: AES-256-GCM ciphertext under a random data key, the data key
 /// wrapped (RFC 3394) under the key-encryption key `keyId`.
@@ -333,10 +423,107 @@ impl SealedValue {
 }
 
 impl AgentSecretSpec {
-    /// What this secret's sealed value is bound to, in `namespace`.
-    pub fn seal_context<'a>(&'a self, namespace: &'a str) -> SealContext<'a> {
-        SealContext::new(namespace, &self.owner, &self.env_name)
+    /// What this secret's sealed value is bound to, in `namespace`, with `constraints` from
+    /// [`AgentSecretSpec::constraints`] (the caller keeps the string).
+    pub fn seal_context<'a>(&'a self, namespace: &'a str, constraints: &'a str) -> SealContext<'a> {
+        SealContext {
+            constraints,
+            ..SealContext::new(namespace, &self.owner, &self.env_name)
+        }
     }
+
+    /// The canonical text of where the value may be used, bound into the sealed value so that
+    /// widening `allowedHosts` (or `injectAs`, or allowing plain HTTP) goes through the webhook,
+    /// which re-seals. See [`constraints_of`].
+    pub fn constraints(&self) -> String {
+        constraints_of(
+            self.allowed_hosts.as_deref().unwrap_or_default(),
+            self.inject_as.as_deref().unwrap_or_default(),
+            self.allow_plain_http.unwrap_or(false),
+        )
+    }
+
+    /// Check `allowedHosts` and `injectAs` as the CRD's rules do, with the proxy's own parsers.
+    pub fn validate_constraints(&self) -> Result<(), ConstraintError> {
+        let hosts = self.allowed_hosts.as_deref().unwrap_or_default();
+        if hosts.len() > MAX_ALLOWED_HOSTS {
+            return Err(ConstraintError::TooManyHosts(hosts.len()));
+        }
+        if let Some(bad) = hosts.iter().find(|h| HostPattern::parse(h).is_none()) {
+            return Err(ConstraintError::Host(bad.chars().take(64).collect()));
+        }
+        let placements = self.inject_as.as_deref().unwrap_or_default();
+        if placements.len() > MAX_INJECT_AS {
+            return Err(ConstraintError::TooManyPlacements(placements.len()));
+        }
+        if let Some(bad) = placements
+            .iter()
+            .find(|p| p.len() > 256 || Placement::parse(p).is_none())
+        {
+            return Err(ConstraintError::Placement(bad.chars().take(64).collect()));
+        }
+        Ok(())
+    }
+
+    /// Whether a secretless sandbox may receive this secret as a placeholder.
+    pub fn is_secretless_capable(&self) -> bool {
+        self.allowed_hosts.as_ref().is_some_and(|h| !h.is_empty())
+    }
+}
+
+/// Most `allowedHosts` entries.
+pub const MAX_ALLOWED_HOSTS: usize = 32;
+/// Most `injectAs` entries.
+pub const MAX_INJECT_AS: usize = 16;
+
+/// Why `allowedHosts` or `injectAs` is refused. Hosts and placements are not secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConstraintError {
+    #[error("spec.allowedHosts has {0} entries; at most {MAX_ALLOWED_HOSTS} are allowed")]
+    TooManyHosts(usize),
+    #[error(
+        "spec.allowedHosts entry {0:?} is not a host name, an IPv4 address or *. followed by a domain of at least two labels"
+    )]
+    Host(String),
+    #[error("spec.injectAs has {0} entries; at most {MAX_INJECT_AS} are allowed")]
+    TooManyPlacements(usize),
+    #[error("spec.injectAs entry {0:?} is not header:NAME, basic-auth-password or query:NAME")]
+    Placement(String),
+}
+
+/// The canonical constraints text: empty when nothing restricts the value (so values sealed
+/// before these fields existed still open), else `allowedHosts=<JSON array>;injectAs=<JSON
+/// array>;allowPlainHttp=true` with the parts that are set. Hosts and placements are in the
+/// proxy's normal form (lowercase), sorted and without duplicates, so a reordering or a change
+/// of case is not a change of what the value is bound to.
+pub fn constraints_of(
+    allowed_hosts: &[String],
+    inject_as: &[String],
+    allow_plain_http: bool,
+) -> String {
+    fn canonical<T: std::fmt::Display>(
+        items: &[String],
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Vec<String> {
+        let set: std::collections::BTreeSet<String> = items
+            .iter()
+            .map(|item| parse(item).map_or_else(|| item.clone(), |parsed| parsed.to_string()))
+            .collect();
+        set.into_iter().collect()
+    }
+    let mut parts = Vec::new();
+    let hosts = canonical(allowed_hosts, HostPattern::parse);
+    if !hosts.is_empty() {
+        parts.push(format!("allowedHosts={}", serde_json::Value::from(hosts)));
+    }
+    let placements = canonical(inject_as, Placement::parse);
+    if !placements.is_empty() {
+        parts.push(format!("injectAs={}", serde_json::Value::from(placements)));
+    }
+    if allow_plain_http {
+        parts.push("allowPlainHttp=true".to_owned());
+    }
+    parts.join(";")
 }
 
 /// Seconds since the Unix epoch now: the seal time recorded with a new value. Whole seconds,
@@ -576,6 +763,7 @@ mod tests {
             description: None,
             value: Some(SecretString::new("canary-plaintext-123".into())),
             sealed: None,
+            ..Default::default()
         };
         assert!(!format!("{spec:?}").contains("canary-plaintext-123"));
     }
@@ -648,6 +836,58 @@ mod tests {
         let mut t = good;
         t.format = Some(9);
         assert_eq!(t.decode().unwrap_err(), SealedError::UnknownFormat(9));
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn constraints_are_empty_when_none_are_set_so_existing_values_open() {
+        assert_eq!(constraints_of(&[], &[], false), "");
+        assert_eq!(AgentSecretSpec::default().constraints(), "");
+        let spec = AgentSecretSpec {
+            allowed_hosts: Some(vec![]),
+            inject_as: Some(vec![]),
+            allow_plain_http: Some(false),
+            ..AgentSecretSpec::default()
+        };
+        assert_eq!(spec.constraints(), "");
+    }
+
+    #[test]
+    fn constraints_are_canonical_and_tell_every_field_apart() {
+        let hosts = constraints_of(&strings(&["b.x.com", "A.x.com", "a.x.com"]), &[], false);
+        assert_eq!(hosts, r#"allowedHosts=["a.x.com","b.x.com"]"#);
+        assert_eq!(
+            constraints_of(
+                &strings(&["a.x.com"]),
+                &strings(&["header:X-Key", "query:k"]),
+                true
+            ),
+            r#"allowedHosts=["a.x.com"];injectAs=["header:x-key","query:k"];allowPlainHttp=true"#
+        );
+        // A host and a placement of the same text, or a comma inside an item, never collide.
+        let distinct = [
+            constraints_of(&strings(&["a.com"]), &[], false),
+            constraints_of(&[], &strings(&["query:a.com"]), false),
+            constraints_of(&strings(&["a.com", "b.com"]), &[], false),
+            constraints_of(&strings(&["a.com,b.com"]), &[], false),
+            constraints_of(&strings(&["a.com"]), &[], true),
+        ];
+        let set: std::collections::BTreeSet<&String> = distinct.iter().collect();
+        assert_eq!(set.len(), distinct.len(), "{distinct:?}");
+    }
+
+    #[test]
+    fn the_header_rule_admits_exactly_the_characters_the_proxy_accepts() {
+        for byte in 0u8..128 {
+            let c = char::from(byte);
+            let parsed = Placement::parse(&format!("header:{c}")).is_some();
+            let in_rule = c.is_ascii_alphanumeric() || "-!#$%&'*+.^_`|~".contains(c);
+            assert_eq!(parsed, in_rule, "{c:?}");
+        }
+        assert!(placement_rule().contains(HEADER_NAME_CHARS));
     }
 
     /// The CRD's size bounds follow from the crypto constants: a maximal value must fit, and

@@ -66,9 +66,32 @@ pub fn agent_secret(
             description: None,
             value: None,
             sealed: Some(sealed(keyring, namespace, owner, env_name, value)),
+            ..Default::default()
         },
         status: None,
     }
+}
+
+/// [`agent_secret`] for secretless sandboxes: allowed for `hosts`, its value sealed with
+/// those constraints.
+pub fn secretless_agent_secret(
+    namespace: &str,
+    name: &str,
+    owner: &str,
+    env_name: &str,
+    keyring: &Keyring,
+    value: &str,
+    hosts: &[&str],
+) -> AgentSecret {
+    let mut object = agent_secret(namespace, name, owner, env_name, keyring, value);
+    object.spec.allowed_hosts = Some(hosts.iter().map(|h| (*h).to_owned()).collect());
+    let constraints = object.spec.constraints();
+    let ctx = object.spec.seal_context(namespace, &constraints);
+    let sealed = keyring
+        .seal(value.as_bytes(), ctx, SEALED_AT)
+        .expect("sealed");
+    object.spec.sealed = Some(SealedValue::encode(&sealed));
+    object
 }
 
 // ---------------------------------------------------------------------------------------
@@ -216,6 +239,10 @@ pub fn synthetic(
                 owner: owner.clone(),
                 env_name,
                 sealed: Some(Ok(sealed)),
+                allowed_hosts: Vec::new(),
+                inject_as: Vec::new(),
+                allow_plain_http: false,
+                constraints: String::new(),
             });
         }
     }

@@ -46,6 +46,8 @@ mod crd;
 mod harness;
 #[path = "cluster/policies.rs"]
 mod policies;
+#[path = "cluster/secretless.rs"]
+mod secretless;
 #[path = "cluster/ui.rs"]
 mod ui;
 #[path = "cluster/webhook.rs"]

@@ -171,3 +171,160 @@ fn every_field_is_documented_for_kubectl_explain() {
         "fields without description: {missing:?}"
     );
 }
+
+fn with_constraints(extra: Value) -> Value {
+    let mut spec = json!({"owner": "alice", "envName": "X_BEARER_TOKEN", "sealed": sealed()});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    object(spec)
+}
+
+/// Host patterns the proxy's parser and the CRD's rule must judge alike.
+const HOSTS: &[&str] = &[
+    "api.x.com",
+    "API.X.COM",
+    "localhost",
+    "10.0.0.1",
+    "a-b.example.com",
+    "*.example.com",
+    "*.a.b.example.com",
+    "*.com",
+    "*",
+    "*.",
+    "api.*.com",
+    "**.example.com",
+    "https://api.x.com",
+    "api.x.com:443",
+    "api.x.com/path",
+    "api.x.com.",
+    ".api.x.com",
+    "-api.x.com",
+    "api-.x.com",
+    "a..b",
+    "a b.com",
+    "héllo.com",
+    "under_score.com",
+    "",
+];
+
+/// Placements the proxy's parser and the CRD's rule must judge alike.
+const PLACEMENTS: &[&str] = &[
+    "header:Authorization",
+    "header:x-api-key",
+    "header:X_Custom!#$%&'*+.^`|~",
+    "header:",
+    "header:bad name",
+    "header:bad:name",
+    "header:bad\"quote",
+    "basic-auth-password",
+    "Basic-Auth-Password",
+    "basic-auth",
+    "query:key",
+    "query:api key",
+    "query:",
+    "query:a&b",
+    "query:a=b",
+    "query:a#b",
+    "cookie:session",
+    "Authorization",
+    "",
+];
+
+#[test]
+fn allowed_hosts_are_judged_by_the_crd_as_by_the_proxy() {
+    for host in HOSTS {
+        let parsed = agent_secrets::secretless::HostPattern::parse(host).is_some();
+        let got = messages(&with_constraints(json!({"allowedHosts": [host]})), None);
+        let accepted = got.is_empty();
+        assert_eq!(
+            accepted, parsed,
+            "{host:?}: proxy parser accepts={parsed}, CRD refusals {got:?}"
+        );
+        if !accepted {
+            assert!(
+                got.iter()
+                    .any(|m| m.contains("spec.allowedHosts entries must be")),
+                "{host:?}: {got:?}"
+            );
+        }
+    }
+    // The length bounds of a host name, which the regular expression alone cannot count.
+    let label = "a".repeat(63);
+    let long = format!("{label}.{label}.{label}.{}", "a".repeat(61));
+    assert_eq!(long.len(), 253);
+    for (host, parsed) in [
+        (long.clone(), true),
+        (format!("a{long}"), false),
+        (format!("*.{long}"), true),
+        (format!("{}.com", "a".repeat(64)), false),
+    ] {
+        assert_eq!(
+            agent_secrets::secretless::HostPattern::parse(&host).is_some(),
+            parsed,
+            "{host}"
+        );
+        let got = messages(&with_constraints(json!({"allowedHosts": [host]})), None);
+        assert_eq!(got.is_empty(), parsed, "{host}: {got:?}");
+    }
+}
+
+#[test]
+fn placements_are_judged_by_the_crd_as_by_the_proxy() {
+    for placement in PLACEMENTS {
+        let parsed = agent_secrets::secretless::Placement::parse(placement).is_some();
+        let got = messages(
+            &with_constraints(json!({"allowedHosts": ["api.x.com"], "injectAs": [placement]})),
+            None,
+        );
+        let accepted = got.is_empty();
+        assert_eq!(
+            accepted, parsed,
+            "{placement:?}: proxy parser accepts={parsed}, CRD refusals {got:?}"
+        );
+        if !accepted {
+            assert!(
+                got.iter()
+                    .any(|m| m.contains("spec.injectAs entries must be")),
+                "{placement:?}: {got:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_secretless_secret_with_every_constraint_is_accepted() {
+    let ok = with_constraints(json!({
+        "allowedHosts": ["api.x.com", "*.x.com"],
+        "injectAs": ["header:Authorization", "query:key", "basic-auth-password"],
+        "allowPlainHttp": true
+    }));
+    assert_eq!(messages(&ok, None), Vec::<String>::new());
+    assert_eq!(messages(&ok, Some(&ok)), Vec::<String>::new());
+}
+
+#[test]
+fn schema_bounds_the_constraint_lists() {
+    let schema = schema();
+    let spec = &schema["properties"]["spec"]["properties"];
+    assert_eq!(spec["allowedHosts"]["maxItems"], 32);
+    assert_eq!(spec["allowedHosts"]["items"]["maxLength"], 255);
+    assert_eq!(spec["injectAs"]["maxItems"], 16);
+    assert_eq!(spec["injectAs"]["items"]["maxLength"], 256);
+    assert_eq!(spec["allowPlainHttp"]["type"], "boolean");
+}
+
+#[test]
+fn allowed_hosts_show_in_the_wide_listing_only() {
+    let crd = agent_secrets::api::crd();
+    let columns = crd.spec.versions[0]
+        .additional_printer_columns
+        .as_ref()
+        .unwrap();
+    let hosts = columns
+        .iter()
+        .find(|c| c.name == "Allowed Hosts")
+        .expect("an Allowed Hosts column");
+    assert_eq!(hosts.json_path, ".spec.allowedHosts");
+    assert_eq!(hosts.priority, Some(1), "shown by -o wide, not by default");
+}

@@ -803,6 +803,101 @@ fn ordinary_pod_updates_are_not_evaluated() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Secretless pods: only the proxy sidecar holds the feed token, and its pod keeps its owner
+
+/// `pod` with the secretless proxy sidecar and its feed-token volume, as the webhook adds them.
+fn with_proxy_sidecar(mut pod: Value) -> Value {
+    pod["spec"]["initContainers"] = json!([{
+        "name": "agentsecrets-proxy", "image": "agent-secrets:1", "restartPolicy": "Always",
+        "volumeMounts": [{"name": "agentsecrets-feed-token", "mountPath": "/var/run/agentsecrets/feed-token", "readOnly": true}]
+    }]);
+    pod["spec"]["volumes"].as_array_mut().unwrap().push(json!({
+        "name": "agentsecrets-feed-token",
+        "projected": {"sources": [{"serviceAccountToken": {"audience": "agentsecrets.io/feed", "path": "token"}}]}
+    }));
+    pod
+}
+
+fn mounting_feed_token(mut container: Value) -> Value {
+    container["volumeMounts"] =
+        json!([{"name": "agentsecrets-feed-token", "mountPath": "/t", "readOnly": true}]);
+    container
+}
+
+#[test]
+fn a_secretless_pod_whose_sidecar_alone_mounts_the_feed_token_is_allowed() {
+    let (recorded, pod) = recorded_pod();
+    let decision = pods_policy().decide(
+        pod_request(&recorded, "CREATE"),
+        with_proxy_sidecar(pod),
+        None,
+    );
+    assert_eq!(decision, Decision::Allowed);
+}
+
+#[test]
+fn any_other_container_mounting_the_feed_token_is_refused() {
+    let (recorded, pod) = recorded_pod();
+    let pod = with_proxy_sidecar(pod);
+    let mut sandbox = pod.clone();
+    sandbox["spec"]["containers"][0] =
+        mounting_feed_token(sandbox["spec"]["containers"][0].clone());
+    let mut init = pod.clone();
+    init["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .push(mounting_feed_token(
+            json!({"name": "setup", "image": "busybox"}),
+        ));
+    for (what, candidate) in [("sandbox container", sandbox), ("init container", init)] {
+        let message = pods_policy()
+            .decide(pod_request(&recorded, "CREATE"), candidate, None)
+            .refusal();
+        assert!(
+            message.contains("Only the agent-secrets proxy sidecar"),
+            "{what}: {message}"
+        );
+    }
+    // Added later, as a debugging container of the running pod.
+    let mut debugged = pod.clone();
+    debugged["spec"]["ephemeralContainers"] = json!([mounting_feed_token(
+        json!({"name": "debugger", "image": "busybox", "targetContainerName": "sandbox"})
+    )]);
+    let message = pods_policy()
+        .decide(pod_request(&recorded, "UPDATE"), debugged, Some(pod))
+        .refusal();
+    assert!(message.contains("may mount"), "{message}");
+}
+
+#[test]
+fn a_pod_with_the_proxy_sidecar_cannot_gain_or_change_its_owner_label() {
+    let (recorded, pod) = recorded_pod();
+    let created_unlabelled = with_proxy_sidecar(unlabelled(pod.clone()));
+    let labelled = with_proxy_sidecar(pod);
+    let mut other_owner = labelled.clone();
+    other_owner["metadata"]["labels"][OWNER_LABEL] = json!("bob");
+    for (before, after) in [
+        (created_unlabelled.clone(), labelled.clone()),
+        (labelled.clone(), other_owner),
+        (labelled.clone(), created_unlabelled),
+    ] {
+        let message = pods_policy()
+            .decide(pod_request(&recorded, "UPDATE"), after, Some(before))
+            .refusal();
+        assert!(
+            message.contains("agentsecrets.io/owner cannot be added, changed or removed"),
+            "{message}"
+        );
+    }
+    // Other label changes of a sidecar pod are not looked at.
+    let mut relabelled = labelled.clone();
+    relabelled["metadata"]["labels"]["extra"] = json!("1");
+    let decision =
+        pods_policy().decide(pod_request(&recorded, "UPDATE"), relabelled, Some(labelled));
+    assert_eq!(decision, Decision::NotEvaluated);
+}
+
+// ---------------------------------------------------------------------------------------
 // Secrets: only the operator writes pod-scoped ones
 
 #[test]

@@ -254,8 +254,8 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
         &pod_review["request"]["uid"],
         "request body is not an AdmissionReview for kind Pod",
     );
-    // Pod admission never reads env values (only names and references), so a wrongly typed
-    // value is not even looked at: admitted, and not echoed.
+    // Pod admission reads env values only as the strings secretless mode writes, so a wrongly
+    // typed value is skipped unread: admitted, and not echoed.
     let (status, answer) = exposed.post(&server, &pod_path, to_body(&env)).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["response"]["allowed"], true, "{answer}");

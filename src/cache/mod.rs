@@ -34,6 +34,30 @@ pub struct CachedSecret {
     /// The sealed value decoded from base64; `None` when the object holds no sealed value
     /// (plaintext that slipped past the webhook, not yet sealed by the controller).
     pub sealed: Option<Result<Envelope, SealedError>>,
+    /// `spec.allowedHosts`: non-empty when a secretless sandbox may get it as a placeholder.
+    pub allowed_hosts: Vec<String>,
+    /// `spec.injectAs`: where the proxy may put the value (empty: any header).
+    pub inject_as: Vec<String>,
+    /// `spec.allowPlainHttp`.
+    pub allow_plain_http: bool,
+    /// The canonical constraints the sealed value is bound to ([`crate::api::constraints_of`]),
+    /// kept so that opening it on each admission does not rebuild the text.
+    pub constraints: String,
+}
+
+impl CachedSecret {
+    /// Whether a secretless sandbox may receive it as a placeholder.
+    pub fn is_secretless_capable(&self) -> bool {
+        !self.allowed_hosts.is_empty()
+    }
+
+    /// What its sealed value is bound to, in its namespace.
+    pub fn seal_context(&self) -> crate::crypto::SealContext<'_> {
+        crate::crypto::SealContext {
+            constraints: &self.constraints,
+            ..crate::crypto::SealContext::new(&self.namespace, &self.owner, &self.env_name)
+        }
+    }
 }
 
 impl CachedSecret {
@@ -50,6 +74,10 @@ impl CachedSecret {
             owner: object.spec.owner.clone(),
             env_name: object.spec.env_name.clone(),
             sealed: object.spec.sealed.as_ref().map(|s| s.decode()),
+            allowed_hosts: object.spec.allowed_hosts.clone().unwrap_or_default(),
+            inject_as: object.spec.inject_as.clone().unwrap_or_default(),
+            allow_plain_http: object.spec.allow_plain_http.unwrap_or(false),
+            constraints: object.spec.constraints(),
         })
     }
 }
@@ -302,6 +330,7 @@ mod tests {
                     sealed_at: None,
                     format: None,
                 }),
+                ..Default::default()
             },
         );
         object.metadata.namespace = Some(ns.into());

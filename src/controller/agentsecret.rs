@@ -108,7 +108,8 @@ pub fn plan(
 ) -> Plan {
     let namespace = object.namespace().unwrap_or_default();
     let spec = &object.spec;
-    let ctx = spec.seal_context(&namespace);
+    let constraints = spec.constraints();
+    let ctx = spec.seal_context(&namespace, &constraints);
     let mut spec_change = None;
 
     let readiness = match keyring {

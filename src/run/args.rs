@@ -192,6 +192,85 @@ pub struct PolicyArgs {
         default_value_t = crate::webhook::DEFAULT_MAX_UNADOPTED_POD_SECRETS
     )]
     pub max_unadopted_pod_secrets: usize,
+    // Boxed, so that `inject`'s arguments stay small next to the other commands'.
+    #[command(flatten)]
+    pub secretless: Box<SecretlessArgs>,
+}
+
+/// Secretless sandboxes: which pods are secretless, and what their proxy sidecar runs and
+/// talks to.
+#[derive(Debug, Clone, Args)]
+pub struct SecretlessArgs {
+    /// Namespaces whose sandbox pods must be secretless (pod annotation
+    /// `agentsecrets.io/mode: secretless` elsewhere), comma-separated; `*` for all.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_SECRETLESS_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub secretless_namespaces: Vec<String>,
+    /// What a secretless pod does with a selected secret that has no `allowedHosts`: refuse
+    /// the pod, or inject that secret's value into the environment as in env mode.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_SECRETLESS_UNSCOPED",
+        value_enum,
+        default_value = "refuse"
+    )]
+    pub secretless_unscoped: crate::webhook::pod::Unscoped,
+    /// Image of the egress proxy sidecar of secretless pods (the operator's own image); without
+    /// it secretless pods are refused.
+    #[arg(long, env = "AGENTSECRETS_PROXY_IMAGE")]
+    pub proxy_image: Option<String>,
+    /// `HOST` or `HOST:PORT` (default port 8444) of the operator's value feed, as the proxy
+    /// sidecars reach it [default: <--webhook-service>.<POD_NAMESPACE>.svc].
+    #[arg(long, env = "AGENTSECRETS_FEED_SERVICE_HOST")]
+    pub feed_service_host: Option<String>,
+    /// PEM CA certificate the proxy sidecars verify the feed with; re-read when it changes.
+    #[arg(
+        long,
+        env = "AGENTSECRETS_FEED_CA_FILE",
+        default_value = "/etc/agentsecrets/tls/ca.crt"
+    )]
+    pub feed_ca_file: PathBuf,
+}
+
+impl SecretlessArgs {
+    /// The secretless policy these flags describe.
+    pub fn policy(&self) -> crate::webhook::pod::SecretlessPolicy {
+        let Self {
+            secretless_namespaces,
+            secretless_unscoped,
+            proxy_image,
+            feed_service_host,
+            feed_ca_file,
+        } = self;
+        let host = feed_service_host
+            .as_deref()
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .or_else(default_feed_host);
+        crate::webhook::pod::SecretlessPolicy {
+            namespaces: crate::webhook::pod::NamespaceSet::parse(trimmed(secretless_namespaces)),
+            unscoped: *secretless_unscoped,
+            proxy_image: proxy_image
+                .as_deref()
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(str::to_owned),
+            feed_url: host.map(|h| crate::webhook::pod::secretless::feed_url(&h)),
+            feed_ca: crate::webhook::pod::FeedCa::file(feed_ca_file.clone()),
+        }
+    }
+}
+
+/// The webhook Service's DNS name, which also serves the feed: from `--webhook-service`'s
+/// variable and the downward API's `POD_NAMESPACE`.
+fn default_feed_host() -> Option<String> {
+    let service = std::env::var("AGENTSECRETS_WEBHOOK_SERVICE").ok()?;
+    let namespace = std::env::var("POD_NAMESPACE").ok()?;
+    Some(format!("{service}.{namespace}.svc"))
 }
 
 fn principals(flag: &str, entries: &[String]) -> anyhow::Result<Vec<Principal>> {
@@ -220,6 +299,7 @@ impl PolicyArgs {
             owner_group_prefix,
             secret_administrators,
             max_unadopted_pod_secrets,
+            secretless,
         } = self;
         Ok(Policy {
             allowed_principals: principals("allowed-principals", allowed_principals)?,
@@ -232,6 +312,7 @@ impl PolicyArgs {
                 operator,
             },
             max_unadopted_pod_secrets: *max_unadopted_pod_secrets,
+            secretless: secretless.policy(),
         })
     }
 }
@@ -333,6 +414,55 @@ mod tests {
                 .try_get_matches_from(["run", "--max-concurrent-reconciles", "0"])
                 .is_err(),
             "zero would mean unbounded to kube-runtime"
+        );
+    }
+
+    #[test]
+    fn secretless_flags_parse_into_the_policy() {
+        let defaults = run_args(&["--feed-service-host", "feed.ops.svc"])
+            .policy
+            .secretless;
+        let policy = defaults.policy();
+        assert_eq!(policy.unscoped, crate::webhook::pod::Unscoped::Refuse);
+        assert!(!policy.namespaces.contains("any"));
+        assert_eq!(policy.proxy_image, None);
+        assert_eq!(
+            policy.feed_url.as_deref(),
+            Some("https://feed.ops.svc:8444/v1/feed")
+        );
+        let set = run_args(&[
+            "--secretless-namespaces",
+            "team-a, team-b",
+            "--secretless-unscoped",
+            "env",
+            "--proxy-image",
+            "registry.example/agent-secrets:1",
+            "--feed-service-host",
+            "feed.ops.svc:9444",
+        ])
+        .policy
+        .secretless
+        .policy();
+        assert!(set.namespaces.contains("team-b") && !set.namespaces.contains("team-c"));
+        assert_eq!(set.unscoped, crate::webhook::pod::Unscoped::Env);
+        assert_eq!(
+            set.proxy_image.as_deref(),
+            Some("registry.example/agent-secrets:1")
+        );
+        assert_eq!(
+            set.feed_url.as_deref(),
+            Some("https://feed.ops.svc:9444/v1/feed")
+        );
+        let all = run_args(&["--secretless-namespaces", "*"])
+            .policy
+            .secretless
+            .policy();
+        assert!(all.namespaces.contains("anything"));
+        let command = RunArgs::augment_args(Command::new("run"));
+        assert!(
+            command
+                .try_get_matches_from(["run", "--secretless-unscoped", "allow"])
+                .is_err()
         );
     }
 

@@ -8,12 +8,15 @@ use serde::Deserialize as _;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
+use crate::api::PROXY_CONTAINER_NAME;
 use crate::api::{AgentSecret, SealedValue};
 use crate::cache::{CachedSecret, SecretIndex};
 use crate::crypto::Keyring;
 use crate::webhook::Policy;
-use crate::webhook::pod::{self, Decision};
+use crate::webhook::pod::secretless::feed_url;
+use crate::webhook::pod::{self, Decision, FeedCa};
 use crate::webhook::review::{PodView, Request, Review};
+use std::sync::Arc;
 
 /// What the preview produced.
 #[derive(Debug)]
@@ -75,10 +78,11 @@ pub fn prepare(
         }
         if let Some(value) = secret.spec.value.take() {
             let ns = secret.namespace().unwrap_or_default();
+            let constraints = secret.spec.constraints();
             let sealed = keyring
                 .seal(
                     value.expose().as_bytes(),
-                    secret.spec.seal_context(&ns),
+                    secret.spec.seal_context(&ns, &constraints),
                     crate::api::now_seconds(),
                 )
                 .with_context(|| {
@@ -119,6 +123,7 @@ pub fn preview(
             "dryRun": true,
         }
     });
+    let policy = &preview_policy(policy);
     let request: Request<PodView> = serde_json::from_value::<Review<PodView>>(review)
         .ok()
         .and_then(|review| review.request)
@@ -152,6 +157,12 @@ pub fn preview(
                     injection.skipped.join(", ")
                 ));
             }
+            if !injection.secretless.is_empty() {
+                lines.push(format!(
+                    "secretless: the sandbox holds placeholders for {}; their values stay in the {PROXY_CONTAINER_NAME} sidecar, which the operator feeds",
+                    injection.secretless.join(", ")
+                ));
+            }
             if let Some(secret) = &injection.secret {
                 lines.push(format!(
                     "admission would create Secret {}/{} holding: {}",
@@ -165,6 +176,23 @@ pub fn preview(
     };
     let pod_yaml = serde_yaml::to_string(&object).context("failed to render the pod")?;
     Ok(Preview { pod_yaml, summary })
+}
+
+/// `policy` with stand-ins for what only the running operator knows (its image, its feed's
+/// address and CA), so that a secretless pod is previewed rather than refused for them.
+fn preview_policy(policy: &Policy) -> Policy {
+    let mut policy = policy.clone();
+    let secretless = &mut policy.secretless;
+    secretless
+        .proxy_image
+        .get_or_insert_with(|| "<--proxy-image>".to_owned());
+    secretless
+        .feed_url
+        .get_or_insert_with(|| feed_url("<--feed-service-host>"));
+    if secretless.feed_ca.pem().is_err() {
+        secretless.feed_ca = FeedCa::Pem(Arc::from("<PEM of --feed-ca-file>"));
+    }
+    policy
 }
 
 #[cfg(test)]
@@ -245,5 +273,46 @@ spec: {owner: bob, envName: BOB_TOKEN, value: canary-inject-bob}
         .unwrap();
         assert!(preview.summary.contains("unchanged"));
         assert!(!preview.pod_yaml.contains("secretKeyRef"));
+    }
+
+    const SECRETLESS: &str = r#"
+apiVersion: agentsecrets.io/v1alpha1
+kind: AgentSecret
+metadata: {name: x-bearer-token, namespace: sandboxes}
+spec: {owner: alice, envName: X_BEARER_TOKEN, value: canary-inject-x, allowedHosts: [api.x.com]}
+"#;
+
+    #[test]
+    fn preview_of_a_secretless_pod_shows_placeholders_and_the_proxy_never_values() {
+        let keyring = Keyring::generate("preview").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secrets.yaml"), SECRETLESS).unwrap();
+        let mut secrets = read_agentsecrets(dir.path()).unwrap();
+        prepare(&mut secrets, &keyring, "default").unwrap();
+        let mut asking = pod("alice");
+        asking["metadata"]["annotations"] = json!({"agentsecrets.io/mode": "secretless"});
+        let preview = preview(asking, &secrets, &keyring, &Policy::default(), "me").unwrap();
+        let shown: serde_json::Value = serde_yaml::from_str(&preview.pod_yaml).unwrap();
+        let proxy = &shown["spec"]["initContainers"][0];
+        assert_eq!(proxy["name"], PROXY_CONTAINER_NAME);
+        assert_eq!(proxy["image"], "<--proxy-image>");
+        let sandbox_env = shown["spec"]["containers"][0]["env"].as_array().unwrap();
+        let x = sandbox_env
+            .iter()
+            .find(|e| e["name"] == "X_BEARER_TOKEN")
+            .unwrap();
+        assert!(x["value"].as_str().unwrap().starts_with("asec_ph_"), "{x}");
+        assert!(!preview.pod_yaml.contains("secretKeyRef"));
+        assert!(
+            preview
+                .summary
+                .contains("secretless: the sandbox holds placeholders for X_BEARER_TOKEN"),
+            "{}",
+            preview.summary
+        );
+        assert!(!preview.summary.contains("would create Secret"));
+        for text in [&preview.pod_yaml, &preview.summary] {
+            assert!(!text.contains("canary-inject"), "{text}");
+        }
     }
 }

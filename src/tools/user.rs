@@ -88,6 +88,9 @@ pub struct Entry {
     pub card: Card,
     /// The key-encryption key the value is wrapped under; empty while unsealed.
     pub key_id: String,
+    /// Hosts a secretless sandbox's proxy may send the value to (`spec.allowedHosts`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Entry {
@@ -100,6 +103,7 @@ impl Entry {
                 .as_ref()
                 .map(|s| s.key_id.clone())
                 .unwrap_or_default(),
+            allowed_hosts: object.spec.allowed_hosts.clone().unwrap_or_default(),
         }
     }
 }
@@ -211,6 +215,7 @@ pub async fn set(args: SetArgs, reader: &mut dyn ValueReader) -> anyhow::Result<
                     description,
                     value: Some(value),
                     sealed: None,
+                    ..Default::default()
                 },
             );
             let params = PostParams {
@@ -246,7 +251,7 @@ pub fn render_result(
 }
 
 /// The columns of `-o wide`: every field of the card, one secret per line.
-pub const WIDE_COLUMNS: [&str; 10] = [
+pub const WIDE_COLUMNS: [&str; 11] = [
     "NAMESPACE",
     "NAME",
     "OWNER",
@@ -257,25 +262,33 @@ pub const WIDE_COLUMNS: [&str; 10] = [
     "KEY ID",
     "CREATED",
     "DESCRIPTION",
+    "ALLOWED HOSTS",
 ];
 
 fn wide_table(entries: &[Entry]) -> String {
     let rows: Vec<Vec<String>> = entries
         .iter()
-        .map(|Entry { card: c, key_id }| {
-            vec![
-                c.namespace.clone(),
-                c.name.clone(),
-                c.owner.clone(),
-                c.env_name.clone(),
-                c.value.to_owned(),
-                c.ready.clone(),
-                c.reason.clone(),
-                key_id.clone(),
-                c.created.clone(),
-                c.description.clone(),
-            ]
-        })
+        .map(
+            |Entry {
+                 card: c,
+                 key_id,
+                 allowed_hosts,
+             }| {
+                vec![
+                    c.namespace.clone(),
+                    c.name.clone(),
+                    c.owner.clone(),
+                    c.env_name.clone(),
+                    c.value.to_owned(),
+                    c.ready.clone(),
+                    c.reason.clone(),
+                    key_id.clone(),
+                    c.created.clone(),
+                    c.description.clone(),
+                    allowed_hosts.join(","),
+                ]
+            },
+        )
         .collect();
     table(&WIDE_COLUMNS, &rows)
 }
@@ -393,6 +406,7 @@ mod tests {
                 description: Some("X API".into()),
                 value: Some(SecretString::new("canary-card".into())),
                 sealed: None,
+                ..Default::default()
             },
         );
         object.metadata.namespace = Some("sandboxes".into());
@@ -449,6 +463,20 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn wide_shows_the_allowed_hosts_of_secretless_secrets() {
+        let mut objects = recorded_list();
+        objects[0].spec.allowed_hosts = Some(vec!["api.x.com".into(), "*.x.com".into()]);
+        let cards: Vec<Entry> = objects.iter().map(Entry::from_object).collect();
+        let text = render_cards(&cards, Some(Format::Wide)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("ALLOWED HOSTS"), "{}", lines[0]);
+        assert!(lines[1].ends_with("api.x.com,*.x.com"), "{}", lines[1]);
+        let json = render_cards(&cards[..2], Some(Format::Json)).unwrap();
+        assert!(json.contains(r#""allowedHosts": ["#), "{json}");
+        assert_eq!(json.matches("allowedHosts").count(), 1, "{json}");
     }
 
     #[test]

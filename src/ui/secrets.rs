@@ -226,6 +226,7 @@ impl UserSecrets {
                 description: input.description.as_deref().and_then(non_empty),
                 value: Some(input.value.clone()),
                 sealed: None,
+                ..Default::default()
             },
         );
         // generateName: `<owner>-<env-name>` alone can collide across owners (`a-b`+`C` and

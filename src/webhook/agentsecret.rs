@@ -38,7 +38,8 @@ pub enum Action {
     Kept,
     /// Only the plaintext copy in the last-applied annotation was removed.
     Scrubbed,
-    /// The envName changed: the stored value was opened and sealed for the new name.
+    /// The envName or the constraints (allowed hosts, placements, plain HTTP) changed: the
+    /// stored value was opened and sealed for the new binding.
     Resealed,
 }
 
@@ -103,6 +104,9 @@ pub fn mutate(
     if let Err(e) = validate_env_name(&spec.env_name, &policy.extra_reserved_env_names) {
         return Decision::Deny(format!("spec.envName: {e}"));
     }
+    if let Err(e) = spec.validate_constraints() {
+        return Decision::Deny(e.to_string());
+    }
     let old = request
         .old_object
         .as_ref()
@@ -124,8 +128,14 @@ pub fn mutate(
         ));
     }
 
-    let ctx = spec.seal_context(&namespace);
+    let constraints = spec.constraints();
+    let ctx = spec.seal_context(&namespace, &constraints);
     let old_sealed = old.and_then(|old| old.spec.sealed.as_ref().map(|s| (old, s)));
+    // What the stored value is bound to besides namespace and owner: a change of either
+    // (a rename, or other allowed hosts, placements or schemes) needs the value re-sealed.
+    let binding_changed = |old: &AgentSecret| {
+        old.spec.env_name != spec.env_name || old.spec.constraints() != constraints
+    };
     let value = spec
         .value
         .as_ref()
@@ -146,7 +156,7 @@ pub fn mutate(
             // Re-applying the same value keeps the stored sealed value, so the apply is a
             // no-op. The comparison runs in constant time.
             let same = old_sealed.filter(|(old, sealed)| {
-                old.spec.env_name == spec.env_name
+                !binding_changed(old)
                     && sealed
                         .open(keyring, ctx)
                         .is_ok_and(|stored| stored.ct_eq(plaintext.as_bytes()))
@@ -168,22 +178,23 @@ pub fn mutate(
         None => match (&spec.sealed, old_sealed) {
             // Unchanged sealed value and env name (metadata or description edit): nothing to
             // check.
-            (Some(new), Some((old, stored)))
-                if new == stored && old.spec.env_name == spec.env_name =>
-            {
+            (Some(new), Some((old, stored))) if new == stored && !binding_changed(old) => {
                 action = Action::Kept;
                 None
             }
-            // A rename keeps the value: open it for the old name, seal it for the new one.
+            // A rename, or a change of allowed hosts, placements or schemes, keeps the value:
+            // open it for the old binding, seal it for the new one.
             (None, Some((old, stored))) | (Some(_), Some((old, stored)))
-                if old.spec.env_name != spec.env_name
-                    && spec.sealed.as_ref().is_none_or(|new| new == stored) =>
+                if binding_changed(old) && spec.sealed.as_ref().is_none_or(|new| new == stored) =>
             {
                 let Some(keyring) = keyring else {
-                    return no_keyring("the value cannot be re-sealed for the new envName");
+                    return no_keyring(
+                        "the value cannot be re-sealed for the new envName or constraints",
+                    );
                 };
+                let old_constraints = old.spec.constraints();
                 let resealed = stored.decode().and_then(|envelope| {
-                    let from = old.spec.seal_context(&namespace);
+                    let from = old.spec.seal_context(&namespace, &old_constraints);
                     Ok(keyring.reseal(&envelope, from, ctx, now)?)
                 });
                 match resealed {
@@ -193,7 +204,7 @@ pub fn mutate(
                     }
                     Err(e) => {
                         return Decision::Deny(format!(
-                            "the stored value cannot be re-sealed for envName {}: {e}; set spec.value again",
+                            "the stored value cannot be re-sealed for envName {} and its allowed hosts: {e}; set spec.value again",
                             spec.env_name
                         ));
                     }
@@ -299,5 +310,154 @@ fn scrub_last_applied(object: &AgentSecret, ops: &mut Vec<json_patch::PatchOpera
             ops.push(remove(&path));
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use serde_json::json;
+
+    const NOW: i64 = testing::SEALED_AT + 60;
+
+    fn update(old: &AgentSecret, new: &AgentSecret) -> Request<AgentSecret> {
+        serde_json::from_value(json!({
+            "uid": "u1", "kind": {"group": "agentsecrets.io", "version": "v1alpha1", "kind": "AgentSecret"},
+            "operation": "UPDATE", "namespace": "ns", "name": "token", "userInfo": {"username": "alice"},
+            "object": new, "oldObject": old
+        }))
+        .unwrap()
+    }
+
+    fn patched_sealed(decision: Decision) -> (SealedValue, Action) {
+        let Decision::Patch { patch, action } = decision else {
+            panic!("expected a patch, got {decision:?}");
+        };
+        let mut doc = json!({"spec": {}});
+        json_patch::patch(&mut doc, &patch).unwrap();
+        (
+            serde_json::from_value(doc["spec"]["sealed"].clone()).unwrap(),
+            action,
+        )
+    }
+
+    #[test]
+    fn changing_allowed_hosts_reseals_the_value_for_the_new_hosts() {
+        let keyring = testing::keyring("k1");
+        let old = testing::agent_secret("ns", "token", "alice", "TOKEN", &keyring, "v");
+        let mut new = old.clone();
+        new.spec.allowed_hosts = Some(vec!["api.x.com".into()]);
+        let decision = mutate(
+            &update(&old, &new),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        let (sealed, action) = patched_sealed(decision);
+        assert_eq!(action, Action::Resealed);
+        let constraints = new.spec.constraints();
+        assert!(!constraints.is_empty());
+        let opened = sealed
+            .open(&keyring, new.spec.seal_context("ns", &constraints))
+            .unwrap();
+        assert_eq!(opened.expose(), b"v");
+        // Bound to the hosts: the same ciphertext under other (or no) constraints does not open.
+        assert!(
+            sealed
+                .open(&keyring, new.spec.seal_context("ns", ""))
+                .is_err()
+        );
+        let mut wider = new.spec.clone();
+        wider.allowed_hosts = Some(vec!["api.x.com".into(), "evil.example".into()]);
+        let wider_constraints = wider.constraints();
+        assert!(
+            sealed
+                .open(&keyring, wider.seal_context("ns", &wider_constraints))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_client_supplied_sealed_value_must_open_for_the_new_constraints() {
+        let keyring = testing::keyring("k1");
+        let old = testing::agent_secret("ns", "token", "alice", "TOKEN", &keyring, "v");
+        // A sealed value from elsewhere, sealed without constraints, submitted with hosts:
+        // widening what the value may be used for goes through a re-seal, never a copy.
+        let mut new = old.clone();
+        new.spec.allowed_hosts = Some(vec!["api.x.com".into()]);
+        new.spec.sealed = Some(testing::sealed(&keyring, "ns", "alice", "TOKEN", "other"));
+        let decision = mutate(
+            &update(&old, &new),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        let Decision::Deny(message) = decision else {
+            panic!("expected a denial, got {decision:?}");
+        };
+        assert!(message.contains("does not open"), "{message}");
+    }
+
+    #[test]
+    fn reordering_allowed_hosts_keeps_the_stored_value() {
+        let keyring = testing::keyring("k1");
+        let old = testing::secretless_agent_secret(
+            "ns",
+            "token",
+            "alice",
+            "TOKEN",
+            &keyring,
+            "v",
+            &["a.x.com", "b.x.com"],
+        );
+        let mut new = old.clone();
+        new.spec.allowed_hosts = Some(vec!["B.x.com".into(), "a.x.com".into()]);
+        let decision = mutate(
+            &update(&old, &new),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        assert_eq!(decision, Decision::Allow);
+    }
+
+    #[test]
+    fn invalid_allowed_hosts_and_placements_are_refused() {
+        let keyring = testing::keyring("k1");
+        let old = testing::agent_secret("ns", "token", "alice", "TOKEN", &keyring, "v");
+        for (hosts, inject_as, needle) in [
+            (vec!["https://api.x.com"], vec![], "spec.allowedHosts entry"),
+            (vec!["*.com"], vec![], "spec.allowedHosts entry"),
+            (vec!["api.x.com"], vec!["cookie:x"], "spec.injectAs entry"),
+        ] {
+            let mut new = old.clone();
+            new.spec.allowed_hosts = Some(hosts.iter().map(|h| (*h).to_owned()).collect());
+            new.spec.inject_as = Some(inject_as.iter().map(|h| (*h).to_owned()).collect());
+            let decision = mutate(
+                &update(&old, &new),
+                Some(&keyring),
+                &SecretIndex::default(),
+                &Policy::default(),
+                NOW,
+            );
+            let Decision::Deny(message) = decision else {
+                panic!("expected a denial, got {decision:?}");
+            };
+            assert!(message.contains(needle), "{message}");
+        }
+        let mut many = old.clone();
+        many.spec.allowed_hosts = Some((0..33).map(|i| format!("h{i}.x.com")).collect());
+        let decision = mutate(
+            &update(&old, &many),
+            Some(&keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        );
+        assert!(matches!(decision, Decision::Deny(m) if m.contains("at most 32")));
     }
 }

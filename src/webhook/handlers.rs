@@ -229,6 +229,7 @@ fn log_verdict<T>(
                 owner = %injection.owner,
                 requester = request.requester(),
                 injected = %Joined(&injection.injected),
+                secretless = %Joined(&injection.secretless),
                 skipped = %Joined(&injection.skipped),
                 secret = injection.secret.as_ref().map_or("", |s| s.name.as_str()),
                 dry_run = request.dry_run,

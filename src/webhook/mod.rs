@@ -34,6 +34,8 @@ pub struct Policy {
     /// Most pod-scoped Secrets not yet adopted by their pod per namespace; beyond it pods are
     /// refused, which bounds what forged admission traffic can make the operator create.
     pub max_unadopted_pod_secrets: usize,
+    /// Which pods are secretless, and what their proxy sidecar is made of.
+    pub secretless: pod::SecretlessPolicy,
 }
 
 /// The default of `--max-unadopted-pod-secrets`.
@@ -47,6 +49,7 @@ impl Default for Policy {
             excluded_namespaces: BTreeSet::new(),
             owner_binding: OwnerBinding::default(),
             max_unadopted_pod_secrets: DEFAULT_MAX_UNADOPTED_POD_SECRETS,
+            secretless: pod::SecretlessPolicy::default(),
         }
     }
 }

@@ -432,6 +432,31 @@ pub struct ContainerView {
     pub env: Option<Vec<EnvVarView>>,
     #[serde(default)]
     pub env_from: Option<Vec<EnvFromView>>,
+    /// Read to recognise the secretless proxy sidecar of an earlier invocation.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Only whether it is set matters: the proxy sidecar runs the image's own entrypoint.
+    #[serde(default)]
+    pub command: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+    #[serde(default)]
+    pub restart_policy: Option<String>,
+    #[serde(default)]
+    pub volume_mounts: Option<Vec<VolumeMountView>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMountView {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub mount_path: String,
+    #[serde(default)]
+    pub read_only: Option<bool>,
+    #[serde(default)]
+    pub sub_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -457,6 +482,9 @@ pub struct VolumeView {
     pub secret: Option<SecretVolumeView>,
     #[serde(default)]
     pub projected: Option<ProjectedView>,
+    /// Only whether it is set matters (the proxy's CA volume is an emptyDir).
+    #[serde(default)]
+    pub empty_dir: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -473,17 +501,60 @@ pub struct ProjectedView {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ProjectionView {
     #[serde(default)]
     pub secret: Option<NamedRef>,
+    #[serde(default)]
+    pub service_account_token: Option<ServiceAccountTokenView>,
 }
 
+/// A projected service-account token: its audience decides who accepts it.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountTokenView {
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub path: String,
+}
+
+#[derive(Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvVarView {
     pub name: String,
+    /// Read for the entries secretless mode writes (placeholders, proxy settings), which are
+    /// never values. Anything but a string is not one of those and is skipped unread, so a
+    /// malformed value never fails the review (whose error could quote it).
+    #[serde(default, deserialize_with = "string_or_skip")]
+    pub value: Option<String>,
     #[serde(default)]
     pub value_from: Option<EnvSourceView>,
+}
+
+/// A string, or `None` for any other JSON (consumed without being kept).
+fn string_or_skip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Text(String),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Lenient::deserialize(d)? {
+        Lenient::Text(text) => Some(text),
+        Lenient::Other(_) => None,
+    })
+}
+
+/// A pod's own env values may be credentials: `Debug` names the entry only.
+impl std::fmt::Debug for EnvVarView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvVarView")
+            .field("name", &self.name)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .field("value_from", &self.value_from)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -390,7 +390,10 @@ async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
         );
         assert_ne!(sealed.wrapped_key, original.wrapped_key, "{name}");
         let opened = sealed
-            .open(&keyring, object.spec.seal_context(&ns))
+            .open(
+                &keyring,
+                object.spec.seal_context(&ns, &object.spec.constraints()),
+            )
             .unwrap_or_else(|e| panic!("{name} does not open after the rotation: {e}"));
         assert_eq!(opened.expose(), value.as_bytes(), "{name}");
     }

@@ -249,6 +249,7 @@ pub(crate) fn agentsecret(namespace: &str, name: &str, owner: &str, env_name: &s
             description: None,
             value: None,
             sealed: None,
+            ..Default::default()
         },
     );
     object.metadata.namespace = Some(namespace.into());

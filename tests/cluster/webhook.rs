@@ -73,6 +73,11 @@ impl Webhook {
     /// Install the CRD, create `namespaces` namespaces, start the cache and the webhook and
     /// register it; returns once the API server calls it.
     pub(crate) async fn start(namespaces: usize) -> Self {
+        Self::start_with(namespaces, |_| {}).await
+    }
+
+    /// [`Webhook::start`] with the policy changed by `configure` first.
+    pub(crate) async fn start_with(namespaces: usize, configure: impl FnOnce(&mut Policy)) -> Self {
         let host = webhook_host();
         let client = client().await;
         install_crd(&client).await;
@@ -110,6 +115,7 @@ impl Webhook {
         policy.owner_binding.administrators = vec![agent_secrets::webhook::Principal::User(
             whoami(&client).await,
         )];
+        configure(&mut policy);
         let state = AppState {
             keyring: keyring_handle,
             index: index.clone(),
@@ -193,7 +199,7 @@ impl Webhook {
     }
 
     /// Wait until the cache holds exactly `env_names` for `owner` in `ns`.
-    async fn wait_for_cache(&self, ns: &str, owner: &str, env_names: &[&str]) {
+    pub(crate) async fn wait_for_cache(&self, ns: &str, owner: &str, env_names: &[&str]) {
         let mut expected: Vec<String> = env_names.iter().map(|s| (*s).to_owned()).collect();
         expected.sort();
         eventually(
@@ -232,7 +238,10 @@ impl Webhook {
             .unwrap_or_else(|| panic!("{name}: no spec.sealed"));
         assert_eq!(sealed.key_id, "cluster-test-kek");
         let plain = sealed
-            .open(&self.keyring, object.spec.seal_context(ns))
+            .open(
+                &self.keyring,
+                object.spec.seal_context(ns, &object.spec.constraints()),
+            )
             .unwrap();
         assert_eq!(plain.expose(), value.as_bytes(), "{name}");
         object

@@ -217,6 +217,27 @@ generateName in the reserved prefix.
 CEL: the value of a pod's agentsecrets.io/secret-name annotation, '' when absent (called with
 "object" or "oldObject").
 */}}
+{{/*
+CEL: the owner label of a pod (`object` or `oldObject`), '' when absent.
+*/}}
+{{- define "agent-secrets.cel.ownerLabel" -}}
+({{ . }} != null && has({{ . }}.metadata.labels) && 'agentsecrets.io/owner' in {{ . }}.metadata.labels ? {{ . }}.metadata.labels['agentsecrets.io/owner'] : '')
+{{- end }}
+
+{{/*
+CEL: whether a pod has the secretless proxy sidecar (an init container named agentsecrets-proxy).
+*/}}
+{{- define "agent-secrets.cel.hasProxySidecar" -}}
+({{ . }} != null && has({{ . }}.spec.initContainers) && {{ . }}.spec.initContainers.exists(c, c.name == 'agentsecrets-proxy'))
+{{- end }}
+
+{{/*
+CEL: whether a container (`c`) mounts the secretless proxy's feed token.
+*/}}
+{{- define "agent-secrets.cel.mountsFeedToken" -}}
+(has(c.volumeMounts) && c.volumeMounts.exists(m, m.name == 'agentsecrets-feed-token'))
+{{- end }}
+
 {{- define "agent-secrets.cel.secretNameAnnotation" -}}
 ({{ . }} != null && has({{ . }}.metadata.annotations) && 'agentsecrets.io/secret-name' in {{ . }}.metadata.annotations ? {{ . }}.metadata.annotations['agentsecrets.io/secret-name'] : '')
 {{- end }}

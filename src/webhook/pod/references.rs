@@ -34,6 +34,11 @@ impl ReferenceWriter<'_> {
             written.received = vec![false; self.names.len()];
         }
         for (i, container) in containers.iter().enumerate() {
+            // The secretless proxy of an earlier invocation (`secretless::check_reserved`
+            // admits that one only) never receives values from a pod-scoped Secret.
+            if container.name == crate::api::PROXY_CONTAINER_NAME {
+                continue;
+            }
             self.container(writer, field, i, container, written);
         }
     }

@@ -168,7 +168,10 @@ pub(super) fn open_all(
 ) -> Result<Vec<(String, Plaintext)>, String> {
     let mut opened = Vec::with_capacity(selected.len());
     for (env_name, secret) in selected {
-        let ctx = SealContext::new(namespace, &secret.owner, env_name);
+        let ctx = SealContext {
+            constraints: &secret.constraints,
+            ..SealContext::new(namespace, &secret.owner, env_name)
+        };
         let result = match &secret.sealed {
             None => Err("it has not been sealed yet".to_owned()),
             Some(Err(e)) => Err(e.to_string()),
