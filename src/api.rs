@@ -66,6 +66,13 @@ pub const SECRETLESS_ANNOTATION: &str = "agentsecrets.io/secretless";
 pub const PROXY_CONTAINER_NAME: &str = "agentsecrets-proxy";
 /// Env of the proxy sidecar only: `{"ENV_NAME": "placeholder"}` of the pod's secretless secrets.
 pub const PROXY_PLACEHOLDERS_ENV: &str = "AGENTSECRETS_PROXY_PLACEHOLDERS";
+/// Env of the proxy sidecar only: the feed's CA certificate (PEM).
+pub const PROXY_FEED_CA_ENV: &str = "AGENTSECRETS_PROXY_FEED_CA";
+/// Env of the proxy sidecar only: the pod's egress mode, `open` or `allowlist`.
+pub const PROXY_EGRESS_ENV: &str = "AGENTSECRETS_PROXY_EGRESS";
+/// Env of the proxy sidecar only: the owner the pod was admitted for. The feed refuses a pod
+/// whose owner label no longer says the same.
+pub const PROXY_OWNER_ENV: &str = "AGENTSECRETS_PROXY_OWNER";
 /// Audience of the projected service-account token the proxy presents to the value feed.
 pub const FEED_AUDIENCE: &str = "agentsecrets.io/feed";
 /// Volume of the proxy's feed token.

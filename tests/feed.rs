@@ -10,7 +10,7 @@ mod logs;
 use agent_secrets::api::{AgentSecret, OWNER_LABEL};
 use agent_secrets::cache::{CachedSecret, SecretIndex};
 use agent_secrets::crypto::{Keyring, KeyringHandle};
-use agent_secrets::feed::{self, FeedSecret, FeedSettings, FeedState};
+use agent_secrets::feed::{self, FeedSettings, FeedState};
 use agent_secrets::secretless::feed_client::parse_ca;
 use agent_secrets::secretless::{FeedConfig, FeedSource, Snapshot, ValueSource};
 use bytes::Bytes;
@@ -22,8 +22,8 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -64,16 +64,6 @@ fn canaries() -> [&'static str; 10] {
         TOKEN_OTHER_AUDIENCE,
         TOKEN_GARBAGE,
     ]
-}
-
-/// Until the cache carries `allowedHosts`, every test secret is allowed for one host.
-static HOSTS: LazyLock<Vec<String>> = LazyLock::new(|| vec!["api.example.test".to_owned()]);
-
-fn adapter(cached: &CachedSecret) -> FeedSecret<'_> {
-    FeedSecret {
-        allowed_hosts: HOSTS.as_slice(),
-        ..feed::feed_secret(cached)
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -153,7 +143,8 @@ fn sandbox_pod(name: &str, uid: &str, owner: &str, placeholders: Value) -> Value
                 "env": [
                     {"name": feed::PROXY_PLACEHOLDERS_ENV, "value": placeholders.to_string()},
                     {"name": feed::PROXY_FEED_CA_ENV, "value": "-----BEGIN CERTIFICATE-----\n...\n"},
-                    {"name": feed::PROXY_EGRESS_ENV, "value": "open"}
+                    {"name": feed::PROXY_EGRESS_ENV, "value": "open"},
+                    {"name": feed::PROXY_OWNER_ENV, "value": owner}
                 ]
             }],
             "containers": [{
@@ -263,7 +254,15 @@ struct Feed {
 }
 
 fn secret(keyring: &Keyring, name: &str, owner: &str, env: &str, value: &str) -> AgentSecret {
-    agent_secrets::testing::agent_secret(NS, name, owner, env, keyring, value)
+    agent_secrets::testing::secretless_agent_secret(
+        NS,
+        name,
+        owner,
+        env,
+        keyring,
+        value,
+        &["api.example.test"],
+    )
 }
 
 impl Feed {
@@ -304,8 +303,7 @@ impl Feed {
             KeyringHandle::new(Keyring::from_yaml(&keyring.to_yaml().unwrap()).unwrap()),
             settings,
             stop.clone(),
-        )
-        .with_adapter(adapter);
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(feed::serve_feed(

@@ -438,7 +438,18 @@ async fn init_containers_get_placeholders_only_when_asked_and_the_proxy_never_do
     }
     assert_eq!(env["HTTPS_PROXY"]["value"], "http://127.0.0.1:15080");
     let proxy_env = env_of(&pod["spec"]["initContainers"][0]);
-    assert_eq!(proxy_env.len(), 3, "the proxy gets no sandbox env");
+    let names: Vec<&str> = proxy_env.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "AGENTSECRETS_PROXY_EGRESS",
+            "AGENTSECRETS_PROXY_FEED_CA",
+            "AGENTSECRETS_PROXY_OWNER",
+            "AGENTSECRETS_PROXY_PLACEHOLDERS"
+        ],
+        "the proxy gets its own env only, none of the sandbox's"
+    );
+    assert_eq!(proxy_env["AGENTSECRETS_PROXY_OWNER"]["value"], "alice");
     // Called again with the first call's result, the shape stands.
     let mut again = review.clone();
     again["request"]["object"] = pod.clone();

@@ -185,9 +185,10 @@ pub fn admitted(pod: &Pod, identity: &PodIdentity) -> Result<Admitted, Refusal> 
             .value
             .as_deref()
     };
-    if let Some(pinned) = env(PROXY_OWNER_ENV)
-        && pinned != owner
-    {
+    // The webhook pins the owner in the sidecar's env (immutable); labels can change.
+    let pinned = env(PROXY_OWNER_ENV)
+        .ok_or_else(|| identity.refuse("the proxy sidecar does not name the pod's owner"))?;
+    if pinned != owner {
         return Err(
             identity.refuse("the pod's owner label differs from the owner it was admitted for")
         );
@@ -248,13 +249,7 @@ pub struct FeedSecret<'a> {
     pub constraints: Cow<'a, str>,
 }
 
-/// The one place that maps the cache's view of an AgentSecret to the feed's.
-///
-/// MERGE POINT: once `CachedSecret` has `allowed_hosts`, `inject_as`, `allow_plain_http` and
-/// `constraints` (the text its value is sealed with), map them here:
-/// `allowed_hosts: &cached.allowed_hosts, inject_as: &cached.inject_as,
-/// allow_plain_http: cached.allow_plain_http, constraints: Cow::Borrowed(&cached.constraints)`.
-/// Until then no secret is secretless-capable, so the feed serves empty snapshots.
+/// The feed's view of a cached AgentSecret.
 pub fn feed_secret(cached: &CachedSecret) -> FeedSecret<'_> {
     FeedSecret {
         namespace: &cached.namespace,
@@ -262,10 +257,10 @@ pub fn feed_secret(cached: &CachedSecret) -> FeedSecret<'_> {
         owner: &cached.owner,
         env_name: &cached.env_name,
         sealed: cached.sealed.as_ref(),
-        allowed_hosts: &[],
-        inject_as: &[],
-        allow_plain_http: false,
-        constraints: Cow::Borrowed(""),
+        allowed_hosts: &cached.allowed_hosts,
+        inject_as: &cached.inject_as,
+        allow_plain_http: cached.allow_plain_http,
+        constraints: Cow::Borrowed(&cached.constraints),
     }
 }
 
@@ -576,7 +571,8 @@ mod tests {
                     "name": PROXY_CONTAINER_NAME, "image": "agentsecrets", "restartPolicy": "Always",
                     "env": [
                         {"name": PROXY_PLACEHOLDERS_ENV, "value": json!({"A_TOKEN": PH_A, "B_KEY": PH_B}).to_string()},
-                        {"name": PROXY_EGRESS_ENV, "value": "open"}
+                        {"name": PROXY_EGRESS_ENV, "value": "open"},
+                        {"name": PROXY_OWNER_ENV, "value": "alice"}
                     ]
                 }],
                 "containers": [{"name": "agent", "image": "agent"}]
@@ -683,7 +679,10 @@ mod tests {
             .init_containers
             .as_mut()
             .unwrap()[0]
-            .env = None;
+            .env
+            .as_mut()
+            .unwrap()
+            .retain(|e| e.name != PROXY_PLACEHOLDERS_ENV);
         assert_eq!(
             refusal(&no_placeholders),
             "the proxy sidecar has no placeholders"
@@ -724,15 +723,24 @@ mod tests {
     }
 
     #[test]
-    fn a_relabelled_pod_is_refused_when_its_sidecar_pins_the_admitted_owner() {
-        let mut pod = pod();
-        pod.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0]
+    fn a_relabelled_pod_or_a_sidecar_naming_no_owner_is_refused() {
+        let mut unpinned = pod();
+        unpinned
+            .spec
+            .as_mut()
+            .unwrap()
+            .init_containers
+            .as_mut()
+            .unwrap()[0]
             .env
             .as_mut()
             .unwrap()
-            .push(
-                serde_json::from_value(json!({"name": PROXY_OWNER_ENV, "value": "alice"})).unwrap(),
-            );
+            .retain(|e| e.name != PROXY_OWNER_ENV);
+        assert_eq!(
+            refusal(&unpinned),
+            "the proxy sidecar does not name the pod's owner"
+        );
+        let mut pod = pod();
         assert!(admitted(&pod, &identity()).is_ok());
         pod.metadata
             .labels

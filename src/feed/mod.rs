@@ -16,32 +16,12 @@ use std::time::Duration;
 pub use decide::{Admitted, FeedSecret, PodIdentity, Refusal, feed_secret};
 pub use server::{FeedSettings, FeedState, feed_router, serve_feed};
 
-// Names shared with the webhook's pod shape (the contract of secretless mode). They belong in
-// `crate::api` next to the other annotations; kept here until both sides are merged.
-
-/// Pod annotation: `secretless` or `env`.
-pub const MODE_ANNOTATION: &str = "agentsecrets.io/mode";
-/// Pod annotation: `open` (default) or `allowlist`.
-pub const EGRESS_ANNOTATION: &str = "agentsecrets.io/egress";
-/// The proxy sidecar, a native sidecar among the pod's init containers.
-pub const PROXY_CONTAINER_NAME: &str = "agentsecrets-proxy";
-/// Sidecar env: JSON object `{"ENV_NAME": "asec_ph_…"}` of the pod's placeholders.
-pub const PROXY_PLACEHOLDERS_ENV: &str = "AGENTSECRETS_PROXY_PLACEHOLDERS";
-/// Sidecar env: the egress mode the webhook admitted the pod with (`open` | `allowlist`).
-pub const PROXY_EGRESS_ENV: &str = "AGENTSECRETS_PROXY_EGRESS";
-/// Sidecar env (optional): the owner the webhook admitted the pod for. The pod spec is
-/// immutable and its labels are not, so when present it pins the owner; the label must agree.
-pub const PROXY_OWNER_ENV: &str = "AGENTSECRETS_PROXY_OWNER";
-/// Sidecar env: the feed's CA certificate, PEM text.
-pub const PROXY_FEED_CA_ENV: &str = "AGENTSECRETS_PROXY_FEED_CA";
-/// Audience of the projected token the sidecar presents.
-pub const FEED_AUDIENCE: &str = "agentsecrets.io/feed";
-/// Pod volume of that token.
-pub const FEED_TOKEN_VOLUME: &str = "agentsecrets-feed-token";
-/// Pod volume of the per-pod CA bundle.
-pub const PROXY_CA_VOLUME: &str = "agentsecrets-ca";
-/// Path of the feed.
-pub const FEED_PATH: &str = "/v1/feed";
+// Names shared with the webhook's pod shape (the contract of secretless mode).
+pub use crate::api::{
+    EGRESS_ANNOTATION, FEED_AUDIENCE, FEED_PATH, FEED_TOKEN_VOLUME, MODE_ANNOTATION,
+    PROXY_CA_VOLUME, PROXY_CONTAINER_NAME, PROXY_EGRESS_ENV, PROXY_FEED_CA_ENV, PROXY_OWNER_ENV,
+    PROXY_PLACEHOLDERS_ENV,
+};
 
 /// Default address of the feed listener.
 pub const DEFAULT_FEED_LISTEN: &str = "0.0.0.0:8444";

@@ -76,11 +76,7 @@ pub struct FeedState {
     settings: Arc<FeedSettings>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
-    adapter: Adapter,
 }
-
-/// Maps a cached AgentSecret to the feed's view of it.
-pub type Adapter = for<'a> fn(&'a CachedSecret) -> decide::FeedSecret<'a>;
 
 impl FeedState {
     /// `stop` ends every open stream (shutdown).
@@ -100,15 +96,7 @@ impl FeedState {
             )),
             settings: Arc::new(settings),
             stop,
-            adapter: decide::feed_secret,
         }
-    }
-
-    /// Replaces [`decide::feed_secret`], the mapping of cached secrets to the feed's view (for
-    /// tests that need fields the cache does not carry yet).
-    pub fn with_adapter(mut self, adapter: Adapter) -> Self {
-        self.adapter = adapter;
-        self
     }
 
     /// Why the feed cannot vouch for what it would serve, if it cannot.
@@ -342,7 +330,7 @@ async fn stream_pod(
                 if unchanged(last.as_ref(), &secrets, &keyring) {
                     continue;
                 }
-                let views: Vec<_> = secrets.iter().map(|s| (state.adapter)(s)).collect();
+                let views: Vec<_> = secrets.iter().map(|s| decide::feed_secret(s)).collect();
                 let rendered = decide::render_snapshot(&admitted, namespace, &views, &keyring);
                 drop(views);
                 let digest = ring::digest::digest(&ring::digest::SHA256, &rendered.line);

@@ -99,7 +99,7 @@ fn decide(
         .flat_map(|s| s.init_containers.iter().flatten())
         .any(|c| c.name == crate::api::PROXY_CONTAINER_NAME);
     let mut sidecar = match egress {
-        Some(egress) if has_proxy => Some(policy.secretless.sidecar(egress)?),
+        Some(egress) if has_proxy => Some(policy.secretless.sidecar(egress, sandbox.owner)?),
         _ => None,
     };
     // Checked before anything else, whether or not the owner has secrets: a proxy sidecar or
@@ -118,7 +118,7 @@ fn decide(
         && sidecar.is_none()
         && !placeholder_secrets.is_empty()
     {
-        sidecar = Some(policy.secretless.sidecar(egress)?);
+        sidecar = Some(policy.secretless.sidecar(egress, sandbox.owner)?);
     }
     if egress.is_some() && !env_secrets.is_empty() && policy.secretless.unscoped == Unscoped::Refuse
     {

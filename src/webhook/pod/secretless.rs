@@ -41,10 +41,7 @@ pub const PROXY_URL: &str = "http://127.0.0.1:15080";
 pub const ADMIN_PORT: u16 = 15081;
 /// Port of the operator's value feed when `--feed-service-host` names none.
 pub const DEFAULT_FEED_PORT: u16 = 8444;
-/// Sidecar env: the feed's CA certificate (PEM).
-pub const PROXY_FEED_CA_ENV: &str = "AGENTSECRETS_PROXY_FEED_CA";
-/// Sidecar env: the pod's egress mode.
-pub const PROXY_EGRESS_ENV: &str = "AGENTSECRETS_PROXY_EGRESS";
+pub use crate::api::{PROXY_EGRESS_ENV, PROXY_FEED_CA_ENV, PROXY_OWNER_ENV};
 /// Random characters of a placeholder made here.
 pub const PLACEHOLDER_RANDOM_CHARS: usize = 32;
 /// Lifetime of the proxy's feed token; the kubelet renews it at 80 %.
@@ -252,11 +249,14 @@ pub struct Sidecar {
     pub feed_url: String,
     pub feed_ca: Arc<str>,
     pub egress: Egress,
+    /// The owner the pod was admitted for. Pinned in the pod spec (which cannot change), so the
+    /// feed serves this owner's values even if the pod's owner label is changed later.
+    pub owner: String,
 }
 
 impl SecretlessPolicy {
     /// The sidecar for a pod of `egress`, or why secretless pods cannot be admitted now.
-    pub fn sidecar(&self, egress: Egress) -> Result<Sidecar, String> {
+    pub fn sidecar(&self, egress: Egress, owner: &str) -> Result<Sidecar, String> {
         let not_configured = |what: &str| {
             format!(
                 "secretless sandboxes cannot be admitted: {what}; ask the cluster administrator"
@@ -275,6 +275,7 @@ impl SecretlessPolicy {
             feed_url,
             feed_ca,
             egress,
+            owner: owner.to_owned(),
         })
     }
 }
@@ -316,6 +317,7 @@ impl Sidecar {
                 {"name": PROXY_PLACEHOLDERS_ENV, "value": placeholders_json(placeholders)},
                 {"name": PROXY_FEED_CA_ENV, "value": &*self.feed_ca},
                 {"name": PROXY_EGRESS_ENV, "value": self.egress.as_str()},
+                {"name": PROXY_OWNER_ENV, "value": self.owner},
             ],
             "startupProbe": startup,
             "readinessProbe": readiness,
@@ -374,9 +376,10 @@ impl Sidecar {
                 .then_some(entry.value.as_deref())
                 .flatten()
         };
-        if env.len() != 3
+        if env.len() != 4
             || value(PROXY_FEED_CA_ENV) != Some(&*self.feed_ca)
             || value(PROXY_EGRESS_ENV) != Some(self.egress.as_str())
+            || value(PROXY_OWNER_ENV) != Some(self.owner.as_str())
         {
             return None;
         }
@@ -754,6 +757,7 @@ mod tests {
             feed_url: feed_url("agent-secrets.agent-secrets.svc"),
             feed_ca: Arc::from(CA),
             egress: Egress::Open,
+            owner: "alice".into(),
         }
     }
 
@@ -895,6 +899,7 @@ mod tests {
         assert_eq!(in_env, placeholders);
         assert_eq!(env[PROXY_FEED_CA_ENV], CA);
         assert_eq!(env[PROXY_EGRESS_ENV], "open");
+        assert_eq!(env[PROXY_OWNER_ENV], "alice");
         assert_eq!(
             proxy["startupProbe"],
             json!({"httpGet": {"path": "/readyz", "port": 15081}, "periodSeconds": 1, "failureThreshold": 60})
@@ -1153,7 +1158,7 @@ mod tests {
             feed_ca: ca,
             ..SecretlessPolicy::default()
         };
-        let error = policy.sidecar(Egress::Open).unwrap_err();
+        let error = policy.sidecar(Egress::Open, "alice").unwrap_err();
         assert!(
             error.contains("secretless sandboxes cannot be admitted"),
             "{error}"
