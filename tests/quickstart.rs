@@ -10,6 +10,7 @@
 
 use agent_secrets::crypto::Keyring;
 use clap::Parser as _;
+use serde::Deserialize as _;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -326,4 +327,72 @@ fn the_applied_agentsecrets_pass_the_crd_once_sealed_and_not_before() {
         }
     }
     assert!(checked > 0, "the quick start applies no AgentSecret");
+}
+
+#[test]
+fn the_secretless_preview_shows_a_placeholder_and_the_sidecar_and_never_the_value() {
+    let commands = quickstart_commands();
+    let inject = find(
+        &commands,
+        "`agentsecrets inject -f examples/secretless-pod.yaml`",
+        |a| a[0] == "agentsecrets" && option(a, "-f") == ["examples/secretless-pod.yaml"],
+    )[1..]
+        .to_vec();
+    let create = find(
+        &commands,
+        "`kubectl create -f examples/secretless-pod.yaml`",
+        |a| a[0] == "kubectl" && option(a, "-f") == ["examples/secretless-pod.yaml"],
+    );
+    assert_eq!(
+        option(&inject, "--requester"),
+        option(create, "--as"),
+        "the preview is for whoever creates the pod"
+    );
+    let output = run_binary(&inject);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the secretless preview fails: {stderr}"
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !text.contains("sample-x-bearer-token"),
+        "a value in the preview"
+    );
+    let pod: Value = serde_yaml::from_slice(&output.stdout).unwrap();
+    let sandbox_env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+    let token = sandbox_env
+        .iter()
+        .find(|e| e["name"] == "X_BEARER_TOKEN")
+        .expect("alice's X token, as a placeholder");
+    assert!(
+        token["value"].as_str().unwrap().starts_with("asec_ph_"),
+        "{token}"
+    );
+    assert!(
+        sandbox_env.iter().all(|e| e.get("valueFrom").is_none()),
+        "no reference to a value from the sandbox: {sandbox_env:?}"
+    );
+    assert_eq!(
+        pod["spec"]["initContainers"][0]["name"],
+        agent_secrets::api::PROXY_CONTAINER_NAME
+    );
+
+    // The walkthrough's deletion names the secret the sample file binds to api.x.com.
+    let delete = find(&commands, "`kubectl delete agentsecret`", |a| {
+        a[0] == "kubectl"
+            && a.contains(&"delete".to_owned())
+            && a.contains(&"agentsecret".to_owned())
+    });
+    let name = delete.last().unwrap();
+    let samples = std::fs::read_to_string(repo().join("examples/agentsecrets.yaml")).unwrap();
+    let bound = serde_yaml::Deserializer::from_str(&samples)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .find(|doc| doc["metadata"]["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("no sample AgentSecret {name}"));
+    assert_eq!(bound["spec"]["envName"], "X_BEARER_TOKEN");
+    assert_eq!(
+        bound["spec"]["allowedHosts"],
+        serde_json::json!(["api.x.com"])
+    );
 }
