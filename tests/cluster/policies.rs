@@ -15,8 +15,10 @@ use super::{
     ensure_default_service_account, eventually, install_crd, sandbox_pod, unique, with_sealed,
 };
 use agent_secrets::api::{
-    AgentSecret, OWNER_LABEL, POD_SCOPED_LABEL, POD_SECRET_NAME_PREFIX, SECRET_NAME_ANNOTATION,
+    AgentSecret, FEED_TOKEN_VOLUME, OWNER_LABEL, POD_SCOPED_LABEL, POD_SECRET_NAME_PREFIX,
+    PROXY_CA_VOLUME, PROXY_CONTAINER_NAME, SECRET_NAME_ANNOTATION,
 };
+use agent_secrets::webhook::pod::secretless::{self, Egress, Sidecar, feed_url};
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
@@ -26,6 +28,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use serde::Deserialize as _;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The reserved name prefix of pod-scoped Secrets, as the operator names them.
@@ -625,4 +628,182 @@ async fn mallory_cannot_create_change_or_delete_pod_scoped_secrets_but_the_opera
         .delete(&real, &DeleteParams::default())
         .await
         .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Pods: the secretless proxy sidecar's feed token and owner label
+
+/// `pod` shaped as the webhook makes a secretless pod of `owner`: the proxy sidecar first among
+/// the init containers, its CA and feed-token volumes, the sandbox mounting the CA read-only.
+fn with_proxy_sidecar(pod: Pod, owner: &str) -> Pod {
+    let sidecar = Sidecar {
+        image: "registry.k8s.io/pause:3.10".into(),
+        feed_url: feed_url("agent-secrets.agent-secrets.svc"),
+        feed_ca: "-----BEGIN CERTIFICATE-----\nMIIBpolicytest\n-----END CERTIFICATE-----\n".into(),
+        egress: Egress::Open,
+        owner: owner.to_owned(),
+    };
+    let placeholders = BTreeMap::from([(
+        "X_BEARER_TOKEN".to_owned(),
+        format!("asec_ph_{}", "a".repeat(32)),
+    )]);
+    let mut value = pod_json(pod);
+    let spec = &mut value["spec"];
+    spec["initContainers"] = json!([sidecar.container(&placeholders)]);
+    spec["volumes"] = json!(secretless::volumes());
+    spec["containers"][0]["volumeMounts"] = json!([
+        {"name": PROXY_CA_VOLUME, "mountPath": secretless::CA_DIR, "readOnly": true}
+    ]);
+    serde_json::from_value(value).unwrap()
+}
+
+/// `pod` with a feed-token volume as the webhook writes it, mounted by the container `how`
+/// names instead of the proxy sidecar.
+fn mounting_feed_token(pod: Pod, how: &str) -> Pod {
+    let mount = json!({"name": FEED_TOKEN_VOLUME, "mountPath": secretless::FEED_TOKEN_DIR, "readOnly": true});
+    let mut value = pod_json(pod);
+    let spec = &mut value["spec"];
+    spec["volumes"] = json!(secretless::volumes());
+    let container = |name: &str, sidecar: bool| {
+        let mut container = json!({
+            "name": name, "image": "registry.k8s.io/pause:3.10", "volumeMounts": [mount]
+        });
+        if sidecar {
+            container["restartPolicy"] = json!("Always");
+        }
+        container
+    };
+    match how {
+        "sandbox container" => spec["containers"][0]["volumeMounts"] = json!([mount]),
+        "second container" => spec["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(container("helper", false)),
+        "init container" => spec["initContainers"] = json!([container("setup", false)]),
+        "sidecar of another name" => spec["initContainers"] = json!([container("proxy", true)]),
+        other => panic!("unknown mount kind {other}"),
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn only_the_proxy_sidecar_may_mount_the_feed_token_volume() {
+    let mut guard = Guard::default();
+    let mut policies = PolicyGuard::default();
+    let tenancy = Tenancy::set_up(&mut guard, &mut policies).await;
+    let ns = &tenancy.ns;
+    let policy = tenancy.policy("-pod-secret-references").to_owned();
+    let as_mallory: Api<Pod> = Api::namespaced(tenancy.as_user("mallory").await, ns);
+    for how in [
+        "sandbox container",
+        "second container",
+        "init container",
+        "sidecar of another name",
+    ] {
+        for owner in [None, Some("mallory")] {
+            let pod = mounting_feed_token(sandbox_pod(&unique("token-thief"), owner), how);
+            let message = refused_by(
+                as_mallory.create(&PostParams::default(), &pod).await,
+                &policy,
+            );
+            assert!(
+                message.contains("may mount the volume agentsecrets-feed-token"),
+                "{how}, owner {owner:?}: {message}"
+            );
+        }
+    }
+    // The same volume mounted by the sidecar the webhook writes is admitted (no webhook runs
+    // here, so this is the policy's answer alone).
+    let pod = with_proxy_sidecar(sandbox_pod("secretless", Some("mallory")), "mallory");
+    let stored = as_mallory
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    let init = stored.spec.unwrap().init_containers.unwrap();
+    assert_eq!(init[0].name, PROXY_CONTAINER_NAME);
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn a_pod_with_the_proxy_sidecar_cannot_gain_change_or_lose_its_owner_label() {
+    let mut guard = Guard::default();
+    let mut policies = PolicyGuard::default();
+    let tenancy = Tenancy::set_up(&mut guard, &mut policies).await;
+    let ns = &tenancy.ns;
+    let policy = tenancy.policy("-pod-secret-references").to_owned();
+    let as_mallory: Api<Pod> = Api::namespaced(tenancy.as_user("mallory").await, ns);
+    let as_admin: Api<Pod> = Api::namespaced(tenancy.admin.clone(), ns);
+    let owner_of = |pod: Pod| pod.labels().get(OWNER_LABEL).cloned();
+    let relabel = |owner: Option<&str>| json!({"metadata": {"labels": {OWNER_LABEL: owner}}});
+
+    let labelled = with_proxy_sidecar(sandbox_pod("labelled", Some("mallory")), "mallory");
+    as_mallory
+        .create(&PostParams::default(), &labelled)
+        .await
+        .unwrap();
+    for (change, patch) in [
+        ("changed", relabel(Some("bob"))),
+        ("removed", relabel(None)),
+    ] {
+        let message = refused_by(
+            as_mallory
+                .patch("labelled", &PatchParams::default(), &Patch::Merge(&patch))
+                .await,
+            &policy,
+        );
+        assert!(
+            message.contains("label agentsecrets.io/owner cannot be added, changed or removed"),
+            "{change}: {message}"
+        );
+    }
+    assert_eq!(
+        owner_of(as_admin.get("labelled").await.unwrap()).as_deref(),
+        Some("mallory"),
+        "a refused relabel was stored"
+    );
+    // Its other labels stay the pod creator's to change.
+    let other = json!({"metadata": {"labels": {"app": "renamed"}}});
+    let patched = as_mallory
+        .patch("labelled", &PatchParams::default(), &Patch::Merge(&other))
+        .await
+        .unwrap();
+    assert_eq!(patched.labels()["app"], "renamed");
+
+    // Created with a sidecar but without the label (so the webhook never saw it): it cannot
+    // gain one.
+    let unlabelled = with_proxy_sidecar(sandbox_pod("unlabelled", None), "bob");
+    as_mallory
+        .create(&PostParams::default(), &unlabelled)
+        .await
+        .unwrap();
+    refused_by(
+        as_mallory
+            .patch(
+                "unlabelled",
+                &PatchParams::default(),
+                &Patch::Merge(&relabel(Some("bob"))),
+            )
+            .await,
+        &policy,
+    );
+    assert_eq!(owner_of(as_admin.get("unlabelled").await.unwrap()), None);
+
+    // A pod without the sidecar is not the feed's business: its owner label may change.
+    as_mallory
+        .create(
+            &PostParams::default(),
+            &sandbox_pod("plain", Some("mallory")),
+        )
+        .await
+        .unwrap();
+    let moved = as_mallory
+        .patch(
+            "plain",
+            &PatchParams::default(),
+            &Patch::Merge(&relabel(Some("bob"))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owner_of(moved).as_deref(), Some("bob"));
 }
