@@ -127,6 +127,7 @@ pub const RESERVED_ENV_NAMES: &[&str] = &[
     "SSL_CERT_DIR",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
+    "NODE_USE_ENV_PROXY",
 ];
 /// Env names starting with one of these are reserved: dynamic loader variables (`LD_PRELOAD`,
 /// `DYLD_INSERT_LIBRARIES`, ...) and Kubernetes' service discovery variables.

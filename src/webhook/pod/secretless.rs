@@ -746,6 +746,20 @@ pub fn write_sidecar(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_variable_the_webhook_sets_for_the_proxy_is_a_reserved_env_name() {
+        // An AgentSecret of the same name would otherwise give the sandbox two entries.
+        for (name, _) in SANDBOX_ENV {
+            if name.chars().any(|c| c.is_ascii_lowercase()) {
+                continue; // not a valid AgentSecret env name in the first place
+            }
+            assert!(
+                crate::api::RESERVED_ENV_NAMES.contains(name),
+                "{name} is not reserved"
+            );
+        }
+    }
     use super::*;
     use serde_json::{Value, json};
 
