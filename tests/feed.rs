@@ -4,6 +4,8 @@
 //! `FeedSource` connected to it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/feed.rs"]
+mod feed_kit;
 #[path = "common/logs.rs"]
 mod logs;
 
@@ -18,7 +20,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full};
 use kube::runtime::watcher;
 use logs::{capture_logs, captured_logs};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -69,24 +70,9 @@ fn canaries() -> [&'static str; 10] {
 // ---------------------------------------------------------------------------------------
 // The mocked API server
 
-/// The TokenReview answer for a projected token bound to a pod, as kube-apiserver gives it.
+/// The TokenReview answer for a projected token bound to a pod.
 fn bound(pod: &str, uid: &str) -> Value {
-    json!({
-        "authenticated": true,
-        "audiences": [feed::FEED_AUDIENCE],
-        "user": {
-            "username": format!("system:serviceaccount:{NS}:default"),
-            "uid": "b7a1c0de-0000-4000-8000-00000000aa01",
-            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{NS}"), "system:authenticated"],
-            "extra": {
-                "authentication.kubernetes.io/credential-id": ["JTI=0b6c3f7e-1d2a-4b5c-8d9e-0f1a2b3c4d5e"],
-                "authentication.kubernetes.io/node-name": ["kind-worker"],
-                "authentication.kubernetes.io/node-uid": ["3c2b1a09-0000-4000-8000-00000000bb02"],
-                "authentication.kubernetes.io/pod-name": [pod],
-                "authentication.kubernetes.io/pod-uid": [uid]
-            }
-        }
-    })
+    feed_kit::bound_to_pod(NS, pod, uid)
 }
 
 fn review_status(token: &str, audiences: &Value) -> Value {
@@ -269,20 +255,8 @@ impl Feed {
     async fn start(settings: FeedSettings) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        let tls = agent_secrets::webhook::tls::load(&cert_path, &key_path, None).unwrap();
+        let pki = feed_kit::feed_tls(dir.path());
+        let tls = agent_secrets::webhook::tls::load(&pki.cert, &pki.key, None).unwrap();
 
         let keyring = agent_secrets::testing::keyring("k1");
         let index = Arc::new(SecretIndex::default());
@@ -314,7 +288,7 @@ impl Feed {
         ));
         Self {
             addr,
-            ca_pem: ca_cert.pem(),
+            ca_pem: pki.ca_pem,
             keyring,
             index,
             api,

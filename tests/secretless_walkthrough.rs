@@ -12,6 +12,7 @@
 mod common {
     pub mod answers;
     pub mod client;
+    pub mod feed;
     pub mod fixtures;
     pub mod keyring;
     pub mod server;
@@ -31,7 +32,6 @@ use common::fixtures::{ALICE_NOTION, ALICE_X, NAMESPACE, fixture, fixture_policy
 use common::server::{Setup, TestServer};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt as _, Full};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use secretless_kit::{ALL_HOSTS, ALLOWED, EVIL, Upstream, UpstreamPki};
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -77,36 +77,6 @@ fn secrets(keyring: &Keyring) -> Vec<AgentSecret> {
     ]
 }
 
-/// The feed's serving certificate (for 127.0.0.1) and its CA, as files and PEM.
-struct FeedPki {
-    ca_pem: String,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl FeedPki {
-    fn new(dir: &Path) -> Self {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let (cert_path, key_path) = (dir.join("feed.crt"), dir.join("feed.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        Self {
-            ca_pem: ca_cert.pem(),
-            cert: cert_path,
-            key: key_path,
-        }
-    }
-}
-
 /// The API server as the feed sees it: the sidecar's token is bound to the admitted pod, and
 /// the pod reads back as admitted.
 fn api_server(pod: Value) -> kube::Client {
@@ -123,19 +93,7 @@ fn api_server(pod: Value) -> kube::Client {
                 let good = review["spec"]["token"] == TOKEN
                     && review["spec"]["audiences"] == json!([feed::FEED_AUDIENCE]);
                 let status = if good {
-                    json!({
-                        "authenticated": true,
-                        "audiences": [feed::FEED_AUDIENCE],
-                        "user": {
-                            "username": format!("system:serviceaccount:{NAMESPACE}:default"),
-                            "uid": "b7a1c0de-0000-4000-8000-00000000aa01",
-                            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{NAMESPACE}"), "system:authenticated"],
-                            "extra": {
-                                "authentication.kubernetes.io/pod-name": [POD_NAME],
-                                "authentication.kubernetes.io/pod-uid": [POD_UID]
-                            }
-                        }
-                    })
+                    common::feed::bound_to_pod(NAMESPACE, POD_NAME, POD_UID)
                 } else {
                     json!({"authenticated": false, "error": "invalid bearer token"})
                 };
@@ -304,7 +262,7 @@ async fn a_sandbox_holds_a_placeholder_its_value_reaches_only_the_allowed_host_a
     let pki = UpstreamPki::new();
     let upstream = Upstream::start(&pki, false).await;
     let dir = tempfile::tempdir().unwrap();
-    let feed_pki = FeedPki::new(dir.path());
+    let feed_pki = common::feed::feed_tls(dir.path());
     let feed_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let feed_addr = feed_listener.local_addr().unwrap();
 
