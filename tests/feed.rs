@@ -596,6 +596,53 @@ async fn the_source_reconnects_with_the_token_file_as_it_is_now_and_fails_closed
 }
 
 #[tokio::test]
+async fn a_failing_agentsecret_watch_ends_the_feeds_vouching_within_its_grace_and_the_proxy_fails_closed()
+ {
+    capture_logs();
+    let grace = Duration::from_millis(300);
+    let feed = Feed::start(FeedSettings {
+        watch_failure_grace: grace,
+        ..FeedSettings::default()
+    })
+    .await;
+    let stale_after = Duration::from_millis(800);
+    let (source, stop) = feed.source(TOKEN_AGENT, stale_after);
+    let mut rx = source.watch();
+    assert!(
+        within(&mut rx, BUDGET, |s| value_of(s, PH_A).as_deref()
+            == Some(VALUE_A))
+        .await,
+        "no first snapshot"
+    );
+
+    // A failure shorter than the grace goes unnoticed.
+    feed.index.watch_failed();
+    assert_eq!(feed.get(Some(TOKEN_AGENT)).await.0, StatusCode::OK);
+    // Past it: new streams are refused, the open one ends, the proxy fails closed.
+    tokio::time::sleep(grace * 2).await;
+    let (status, body) = feed.get(Some(TOKEN_AGENT)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        within(&mut rx, grace + stale_after * 3, |s| s
+            .unusable_reason()
+            .is_some())
+        .await,
+        "the proxy still substitutes while the operator cannot see deletions"
+    );
+    // The watch lists again: the feed vouches again and the proxy recovers.
+    feed.index.watch_recovered();
+    assert!(
+        within(&mut rx, BUDGET, |s| value_of(s, PH_A).as_deref()
+            == Some(VALUE_A))
+        .await,
+        "did not recover once the watch listed again"
+    );
+    stop.cancel();
+    feed.stop.cancel();
+    assert_logs_hold_no_secret();
+}
+
+#[tokio::test]
 async fn streams_past_the_cap_are_refused_with_503_until_one_ends() {
     capture_logs();
     let feed = Feed::start(FeedSettings {

@@ -178,12 +178,18 @@ impl SecretIndex {
     /// completed, or the watch has been failing for longer than the grace period (a replica
     /// that cannot see deletions must not keep injecting deleted secrets).
     pub fn unready_reason(&self) -> Option<&'static str> {
+        self.unready_within(self.watch_failure_grace)
+    }
+
+    /// As [`SecretIndex::unready_reason`], with `grace` instead of the configured grace
+    /// period: the value feed holds running sandboxes to a tighter deadline than admission.
+    pub fn unready_within(&self, grace: Duration) -> Option<&'static str> {
         if !self.is_synced() {
             return Some(NOT_SYNCED);
         }
         let failing_since = *self.failing_since();
         match failing_since {
-            Some(since) if since.elapsed() > self.watch_failure_grace => Some(WATCH_FAILING),
+            Some(since) if since.elapsed() > grace => Some(WATCH_FAILING),
             _ => None,
         }
     }

@@ -35,6 +35,9 @@ pub const MAX_STREAM: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_STREAMS: u32 = 1024;
 /// The proxy fails closed when no line arrived for this long.
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
+/// The feed stops vouching once the AgentSecret watch has failed for this long, so that a
+/// deletion it cannot see stops being substituted within this + [`STALE_AFTER`] = 10 s.
+pub const WATCH_FAILURE_GRACE: Duration = Duration::from_secs(2);
 /// The heartbeat line.
 pub const HEARTBEAT_LINE: &[u8] = b"{}\n";
 

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::decide::{self, Admitted, PodIdentity, Refusal};
 use super::{
     FEED_AUDIENCE, FEED_PATH, HEARTBEAT_INTERVAL, HEARTBEAT_LINE, MAX_STREAM, POLL_INTERVAL,
+    WATCH_FAILURE_GRACE,
 };
 use crate::cache::{CachedSecret, SecretIndex};
 use crate::crypto::{Keyring, KeyringHandle};
@@ -53,6 +54,11 @@ pub struct FeedSettings {
     pub max_stream: Duration,
     /// A client that does not take a line for this long loses its stream.
     pub send_timeout: Duration,
+    /// How long the AgentSecret watch may fail before the feed stops vouching for what it
+    /// serves (streams end, new ones get 503). With the proxy's [`STALE_AFTER`](super::STALE_AFTER) this keeps
+    /// the product's 10-second promise during a watch outage: a deletion the operator cannot
+    /// see stops being substituted within 2 + 8 seconds.
+    pub watch_failure_grace: Duration,
 }
 
 impl Default for FeedSettings {
@@ -63,6 +69,7 @@ impl Default for FeedSettings {
             poll: POLL_INTERVAL,
             max_stream: MAX_STREAM,
             send_timeout: Duration::from_secs(10),
+            watch_failure_grace: WATCH_FAILURE_GRACE,
         }
     }
 }
@@ -104,7 +111,7 @@ impl FeedState {
         if self.keyring.current().is_none() {
             return Some("no keyring loaded");
         }
-        self.index.unready_reason()
+        self.index.unready_within(self.settings.watch_failure_grace)
     }
 }
 
@@ -323,7 +330,7 @@ async fn stream_pod(
             _ = poll.tick() => {
                 // A cache that cannot see deletions, or no keyring: stop vouching, so the
                 // proxy fails closed rather than keep serving what may have been deleted.
-                let (Some(keyring), None) = (state.keyring.current(), state.index.unready_reason()) else {
+                let (Some(keyring), None) = (state.keyring.current(), state.index.unready_within(settings.watch_failure_grace)) else {
                     break "the operator cannot vouch for the secrets now";
                 };
                 let secrets = state.index.owner_secrets(namespace, &admitted.owner);
