@@ -88,6 +88,10 @@ pub struct Metrics {
     pub tls_reload_failures: Counter,
     /// The serving certificate's notAfter, in seconds since the epoch (0 until one is loaded).
     pub tls_not_after: Gauge,
+    /// Value feed requests by result: `opened`, `unauthenticated`, `forbidden`, `unavailable`.
+    pub feed_requests: Family<ResultLabels, Counter>,
+    /// Value feed streams open on this replica (one per running secretless sandbox it serves).
+    pub feed_streams: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -197,8 +201,22 @@ impl Default for Metrics {
             prometheus_client::registry::Unit::Seconds,
             tls_not_after.clone(),
         );
+        let feed_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "feed_requests",
+            "Value feed requests of secretless proxies, by result (opened, unauthenticated, forbidden, unavailable)",
+            feed_requests.clone(),
+        );
+        let feed_streams = Gauge::default();
+        registry.register(
+            "feed_streams",
+            "Value feed streams open on this replica",
+            feed_streams.clone(),
+        );
         Self {
             registry,
+            feed_requests,
+            feed_streams,
             admission_requests,
             admission_duration,
             injected_secrets,

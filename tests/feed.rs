@@ -234,6 +234,7 @@ struct Feed {
     keyring: Keyring,
     index: Arc<SecretIndex>,
     api: Arc<ApiServer>,
+    metrics: Arc<agent_secrets::telemetry::Metrics>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     dir: tempfile::TempDir,
@@ -271,11 +272,13 @@ impl Feed {
         );
         let api = Arc::new(ApiServer::default());
         let stop = CancellationToken::new();
+        let metrics = Arc::new(agent_secrets::telemetry::Metrics::default());
         let state = FeedState::new(
             mock_client(api.clone()),
             index.clone(),
             KeyringHandle::new(Keyring::from_yaml(&keyring.to_yaml().unwrap()).unwrap()),
             settings,
+            metrics.clone(),
             stop.clone(),
         );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -292,6 +295,7 @@ impl Feed {
             keyring,
             index,
             api,
+            metrics,
             stop,
             server,
             dir,
@@ -503,6 +507,14 @@ async fn tokens_of_another_audience_unbound_or_invalid_are_refused_with_401() {
         3,
         "no review without a token"
     );
+    let metrics = feed.metrics.encode();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "agentsecrets_feed_requests_total{result=\"unauthenticated\"} 4"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("canary"), "no token in the metrics");
     feed.stop.cancel();
     assert_logs_hold_no_secret();
 }
@@ -654,6 +666,23 @@ async fn streams_past_the_cap_are_refused_with_503_until_one_ends() {
     assert_eq!(held.status(), StatusCode::OK);
     let (status, body) = feed.get(Some(TOKEN_BOB)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, _) = feed.get(Some(TOKEN_GARBAGE)).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the cap comes first"
+    );
+    let metrics = feed.metrics.encode();
+    for line in [
+        "agentsecrets_feed_streams 1",
+        "agentsecrets_feed_requests_total{result=\"opened\"} 1",
+        "agentsecrets_feed_requests_total{result=\"unavailable\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
     drop(held);
     // The slot is freed once the server notices the client left (its next line at the latest).
     let mut admitted = false;
@@ -666,6 +695,14 @@ async fn streams_past_the_cap_are_refused_with_503_until_one_ends() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(admitted, "the slot was never freed");
+    // The held stream ended; the admitted probe's stream may still be counted.
+    let metrics = feed.metrics.encode();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "agentsecrets_feed_streams 0" || l == "agentsecrets_feed_streams 1"),
+        "{metrics}"
+    );
     feed.stop.cancel();
     assert_logs_hold_no_secret();
 }

@@ -322,6 +322,7 @@ async fn a_sandbox_holds_a_placeholder_its_value_reaches_only_the_allowed_host_a
             Keyring::from_yaml(&common::keyring::keyring(&webhook).to_yaml().unwrap()).unwrap(),
         ),
         FeedSettings::default(),
+        Arc::new(agent_secrets::telemetry::Metrics::default()),
         stop.clone(),
     );
     let tls = agent_secrets::webhook::tls::load(&feed_pki.cert, &feed_pki.key, None).unwrap();

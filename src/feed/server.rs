@@ -28,6 +28,7 @@ use super::{
 };
 use crate::cache::{CachedSecret, SecretIndex};
 use crate::crypto::{Keyring, KeyringHandle};
+use crate::telemetry::{Metrics, ResultLabels};
 use crate::webhook::server::{Limits, serve_webhook_with};
 
 /// Failures of the feed's calls to the API server: the stream cannot be authorised now (503),
@@ -83,6 +84,7 @@ pub struct FeedState {
     settings: Arc<FeedSettings>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl FeedState {
@@ -92,6 +94,7 @@ impl FeedState {
         index: Arc<SecretIndex>,
         keyring: KeyringHandle,
         settings: FeedSettings,
+        metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> Self {
         Self {
@@ -103,6 +106,7 @@ impl FeedState {
             )),
             settings: Arc::new(settings),
             stop,
+            metrics,
         }
     }
 
@@ -190,6 +194,22 @@ async fn read_pod(client: &kube::Client, identity: &PodIdentity) -> Result<Optio
 }
 
 async fn feed(State(state): State<FeedState>, headers: HeaderMap) -> Response {
+    let metrics = state.metrics.clone();
+    let response = open_stream(state, headers).await;
+    let result = match response.status() {
+        StatusCode::OK => "opened",
+        StatusCode::UNAUTHORIZED => "unauthenticated",
+        StatusCode::FORBIDDEN => "forbidden",
+        _ => "unavailable",
+    };
+    metrics
+        .feed_requests
+        .get_or_create(&ResultLabels { result })
+        .inc();
+    response
+}
+
+async fn open_stream(state: FeedState, headers: HeaderMap) -> Response {
     let Ok(permit) = state.permits.clone().try_acquire_owned() else {
         tracing::warn!("feed stream refused: too many open streams");
         return text(
@@ -278,6 +298,22 @@ async fn feed(State(state): State<FeedState>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
+/// Counts a stream in `feed_streams` for as long as it lives.
+struct OpenStream(Arc<Metrics>);
+
+impl OpenStream {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.feed_streams.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.feed_streams.dec();
+    }
+}
+
 /// What the last line was rendered from: while the same objects (held, so their addresses are
 /// not reused) and the same keyring are in force, the line is the same and is not rendered.
 struct Rendered {
@@ -312,6 +348,7 @@ async fn stream_pod(
     _permit: OwnedSemaphorePermit,
 ) {
     let settings = state.settings.clone();
+    let _open = OpenStream::new(&state.metrics);
     let mut poll = tokio::time::interval(settings.poll);
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut heartbeat =

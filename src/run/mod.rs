@@ -207,6 +207,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 max_streams: feed_max_streams as usize,
                 ..crate::feed::FeedSettings::default()
             },
+            state.metrics.clone(),
             stop.clone(),
         );
         tasks.spawn(async move {
