@@ -298,6 +298,15 @@ async fn open_stream(state: FeedState, headers: HeaderMap) -> Response {
         .into_response()
 }
 
+/// A rendered line as a body chunk's owner, so the values are zeroised when the chunk goes.
+struct ZeroizedLine(zeroize::Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for ZeroizedLine {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Counts a stream in `feed_streams` for as long as it lives.
 struct OpenStream(Arc<Metrics>);
 
@@ -387,7 +396,9 @@ async fn stream_pod(
                     tracing::warn!(namespace, pod, secret = %skipped.name, reason = skipped.reason, "secret left out of the pod's feed");
                 }
                 tracing::info!(namespace, pod, secrets = ?rendered.served, "feed snapshot sent");
-                Bytes::copy_from_slice(&rendered.line)
+                // The body chunk owns the zeroising buffer: the values are wiped when hyper
+                // drops the chunk after writing it (rustls' own plaintext buffers excepted).
+                Bytes::from_owner(ZeroizedLine(rendered.line))
             }
             _ = heartbeat.tick() => Bytes::from_static(HEARTBEAT_LINE),
         };
