@@ -396,3 +396,72 @@ async fn concurrent_pod_reviews_get_independent_answers() {
         "{elapsed:?}"
     );
 }
+
+/// An HTTP/2 connection over TLS (ALPN `h2`), as the API server opens one.
+async fn connect_h2(server: &TestServer) -> Connection {
+    let mut config = trusting(&server.ca_der);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls
+}
+
+#[tokio::test]
+async fn http2_clients_are_told_the_stream_limit_and_get_their_reviews_answered() {
+    let server = serve_with(Limits {
+        http2_max_concurrent_streams: 3,
+        ..Limits::default()
+    })
+    .await;
+    let (mut sender, mut connection) = h2::client::handshake(connect_h2(&server).await)
+        .await
+        .unwrap();
+    let (path, review) = fixture("pod_create_named.json");
+    let request = http::Request::post(path.as_str())
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    sender = sender.ready().await.unwrap();
+    let (response, mut stream) = sender.send_request(request, false).unwrap();
+    stream
+        .send_data(bytes::Bytes::from(to_body(&review)), true)
+        .unwrap();
+    // Drive the connection until the answer is in.
+    let response = tokio::select! {
+        response = response => response.unwrap(),
+        failed = std::future::poll_fn(|cx| std::pin::Pin::new(&mut connection).poll(cx)) => {
+            panic!("the connection ended first: {failed:?}")
+        }
+    };
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut answer = Vec::new();
+    loop {
+        tokio::select! {
+            chunk = body.data() => match chunk {
+                Some(chunk) => {
+                    let chunk = chunk.unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    answer.extend_from_slice(&chunk);
+                }
+                None => break,
+            },
+            _ = std::future::poll_fn(|cx| std::pin::Pin::new(&mut connection).poll(cx)) => {}
+        }
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    let pod = patched(&review["request"]["object"], &answer);
+    let references = pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["valueFrom"]["secretKeyRef"].is_object())
+        .count();
+    assert!(references > 0, "alice's secrets are injected: {pod}");
+    // The server's SETTINGS frame, as the client holds it.
+    assert_eq!(connection.max_concurrent_send_streams(), 3);
+}
