@@ -42,6 +42,8 @@
 mod controller;
 #[path = "cluster/crd.rs"]
 mod crd;
+#[path = "common/feed.rs"]
+mod feed_kit;
 #[path = "cluster/harness.rs"]
 mod harness;
 #[path = "cluster/policies.rs"]

@@ -8,6 +8,8 @@
 mod feed_kit;
 #[path = "common/logs.rs"]
 mod logs;
+#[path = "common/token_review.rs"]
+mod token_review;
 
 use agent_secrets::api::{AgentSecret, OWNER_LABEL};
 use agent_secrets::cache::{CachedSecret, SecretIndex};
@@ -72,7 +74,7 @@ fn canaries() -> [&'static str; 10] {
 
 /// The TokenReview answer for a projected token bound to a pod.
 fn bound(pod: &str, uid: &str) -> Value {
-    feed_kit::bound_to_pod(NS, pod, uid)
+    token_review::bound_to_pod(NS, pod, uid)
 }
 
 fn review_status(token: &str, audiences: &Value) -> Value {

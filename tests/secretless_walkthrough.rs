@@ -16,6 +16,7 @@ mod common {
     pub mod fixtures;
     pub mod keyring;
     pub mod server;
+    pub mod token_review;
 }
 mod secretless_kit;
 
@@ -93,7 +94,7 @@ fn api_server(pod: Value) -> kube::Client {
                 let good = review["spec"]["token"] == TOKEN
                     && review["spec"]["audiences"] == json!([feed::FEED_AUDIENCE]);
                 let status = if good {
-                    common::feed::bound_to_pod(NAMESPACE, POD_NAME, POD_UID)
+                    common::token_review::bound_to_pod(NAMESPACE, POD_NAME, POD_UID)
                 } else {
                     json!({"authenticated": false, "error": "invalid bearer token"})
                 };

@@ -191,4 +191,95 @@ async fn a_users_secretless_pod_is_stored_with_the_proxy_sidecar_and_placeholder
             .map(|s| s.name_any())
             .collect::<Vec<_>>()
     );
+
+    // The operator's value feed, in this process, against the real API server: a token the
+    // API server issues for the stored pod (as the kubelet would project it) is reviewed by
+    // it, the pod is read back, and alice's value reaches the proxy's source; deleting the
+    // AgentSecret takes it away again.
+    let dir = tempfile::tempdir().unwrap();
+    let tls = crate::feed_kit::feed_tls(dir.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let feed_addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let state = agent_secrets::feed::FeedState::new(
+        webhook.client.clone(),
+        webhook.index.clone(),
+        agent_secrets::crypto::KeyringHandle::new(
+            agent_secrets::crypto::Keyring::from_yaml(&webhook.keyring.to_yaml().unwrap()).unwrap(),
+        ),
+        agent_secrets::feed::FeedSettings::default(),
+        Arc::new(agent_secrets::telemetry::Metrics::default()),
+        stop.clone(),
+    );
+    tokio::spawn(agent_secrets::feed::serve_feed(
+        listener,
+        agent_secrets::webhook::tls::load(&tls.cert, &tls.key, None).unwrap(),
+        state,
+        stop.clone().cancelled_owned(),
+    ));
+    let token_request = json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {
+            "audiences": [agent_secrets::api::FEED_AUDIENCE],
+            "expirationSeconds": 600,
+            "boundObjectRef": {
+                "apiVersion": "v1", "kind": "Pod",
+                "name": "sandbox-secretless", "uid": stored["metadata"]["uid"]
+            }
+        }
+    });
+    let issued: Value =
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(webhook.client.clone(), &ns)
+            .create_subresource(
+                "token",
+                stored["spec"]["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default"),
+                &PostParams::default(),
+                &token_request,
+            )
+            .await
+            .unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, issued["status"]["token"].as_str().unwrap()).unwrap();
+    let config = agent_secrets::secretless::FeedConfig::new(
+        agent_secrets::secretless::feed_client::parse_url(&format!(
+            "https://{feed_addr}{}",
+            agent_secrets::api::FEED_PATH
+        ))
+        .unwrap(),
+        token_file,
+        agent_secrets::secretless::feed_client::parse_ca(tls.ca_pem.as_bytes()).unwrap(),
+    );
+    let source_stop = tokio_util::sync::CancellationToken::new();
+    let source = agent_secrets::secretless::FeedSource::spawn(config, source_stop.clone()).unwrap();
+    let mut snapshots = agent_secrets::secretless::ValueSource::watch(source.as_ref());
+    let holds_value = |snapshot: &agent_secrets::secretless::Snapshot, value: &str| {
+        snapshot
+            .entries()
+            .iter()
+            .any(|e| e.placeholder == *placeholder && e.value.expose() == value)
+    };
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snapshots.wait_for(|s| holds_value(s, &value)),
+    )
+    .await
+    .expect("the feed did not serve alice's value to her pod's proxy within 10 s")
+    .unwrap();
+
+    Api::<agent_secrets::api::AgentSecret>::namespaced(webhook.client.clone(), &ns)
+        .delete("x-token", &Default::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snapshots.wait_for(|s| s.unusable_reason().is_none() && !holds_value(s, &value)),
+    )
+    .await
+    .expect("the deleted secret is still served after 10 s")
+    .unwrap();
+    source_stop.cancel();
+    stop.cancel();
 }

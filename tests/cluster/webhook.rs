@@ -62,8 +62,8 @@ fn webhook_host() -> String {
 /// test's namespaces only.
 pub(crate) struct Webhook {
     pub(crate) client: Client,
-    keyring: Arc<Keyring>,
-    index: Arc<SecretIndex>,
+    pub(crate) keyring: Arc<Keyring>,
+    pub(crate) index: Arc<SecretIndex>,
     namespaces: Vec<String>,
     /// Stops the webhook and the watch, deletes the namespaces and the configuration.
     _guard: Guard,
