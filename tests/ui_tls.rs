@@ -78,11 +78,12 @@ async fn start() -> Pki {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let config = agent_secrets::ui::tls_config(
+    let config = agent_secrets::ui::tls_files(
         &path("tls.crt", &cert),
         &path("tls.key", &key),
         Some(&path("proxy-ca.crt", &proxy_ca.pem())),
     )
+    .server_config()
     .unwrap();
 
     let mut settings = Settings::for_loopback_proxy(NamespaceRule::Fixed("sandboxes".into()));
@@ -101,8 +102,9 @@ async fn start() -> Pki {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor =
-        ProxyCertificateAcceptor::new(RustlsAcceptor::new(RustlsConfig::from_config(config)));
+    let acceptor = ProxyCertificateAcceptor::new(RustlsAcceptor::new(RustlsConfig::from_config(
+        Arc::new(config),
+    )));
     let server = axum_server::from_tcp(listener).unwrap().acceptor(acceptor);
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { server.serve(app).await.unwrap() });
@@ -226,16 +228,14 @@ async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() 
         ExtendedKeyUsagePurpose::ServerAuth,
     );
     let dir = tempfile::tempdir().unwrap();
-    let files = agent_secrets::ui::TlsFiles {
-        cert: dir.path().join("tls.crt"),
-        key: dir.path().join("tls.key"),
-        client_ca: None,
-    };
+    let files = agent_secrets::ui::tls_files(
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+        None,
+    );
     std::fs::write(&files.cert, &first.0).unwrap();
     std::fs::write(&files.key, &first.1).unwrap();
-    let config = RustlsConfig::from_config(
-        agent_secrets::ui::tls_config(&files.cert, &files.key, None).unwrap(),
-    );
+    let config = RustlsConfig::from_config(Arc::new(files.server_config().unwrap()));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -245,10 +245,11 @@ async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() 
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { server.serve(app.into_make_service()).await.unwrap() });
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(agent_secrets::ui::watch_tls(
+    tokio::spawn(agent_secrets::webhook::tls::watch_tls_files(
         config,
         files.clone(),
         std::time::Duration::from_millis(50),
+        None,
         stop.clone().cancelled_owned(),
     ));
     let cas = [first_ca.pem(), renewed_ca.pem()];

@@ -64,13 +64,19 @@ async fn serve_files(
         ..Setup::default()
     })
     .await;
-    let watcher = tokio::spawn(tls::watch_tls_files(
-        config,
+    let files = tls::TlsFiles {
         cert,
         key,
         client_ca,
+        client_certificates: tls::ClientCertificates::Required,
+    };
+    let watcher = tokio::spawn(tls::watch_tls_files(
+        config,
+        files,
         Duration::from_millis(50),
-        std::sync::Arc::new(agent_secrets::telemetry::Metrics::default()),
+        Some(std::sync::Arc::new(
+            agent_secrets::telemetry::Metrics::default(),
+        )),
         server.stop.clone().cancelled_owned(),
     ));
     (server, watcher)

@@ -7,7 +7,6 @@ pub use args::{BootstrapArgs, PolicyArgs, RunArgs, operator_username, parse_dura
 
 use anyhow::Context as _;
 use axum_server::tls_rustls::RustlsConfig;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -20,25 +19,21 @@ use crate::controller::{Context, Settings, run_controller_while_leader};
 use crate::crypto::KeyringHandle;
 use crate::telemetry::Metrics;
 use crate::webhook::server::{self, AppState, KubeSecretWriter};
+use crate::webhook::tls::{ClientCertificates, TlsFiles};
 
 /// The webhook's TLS configuration once both files exist and load, checked every 2 s; `None`
 /// when stopped first.
-async fn wait_for_tls(
-    cert: &Path,
-    key: &Path,
-    client_ca: Option<&Path>,
-    stop: &CancellationToken,
-) -> Option<RustlsConfig> {
+async fn wait_for_tls(files: &TlsFiles, stop: &CancellationToken) -> Option<RustlsConfig> {
     let mut waited = 0u32;
     loop {
-        match crate::webhook::tls::load(cert, key, client_ca) {
-            Ok(tls) => return Some(tls),
+        match files.server_config() {
+            Ok(config) => return Some(RustlsConfig::from_config(Arc::new(config))),
             Err(error) => {
                 // Once at first, then every 30 s: the file appears when the kubelet projects
                 // the Secret, usually within a minute of its creation.
                 if waited.is_multiple_of(15) {
                     tracing::info!(
-                        cert = %cert.display(),
+                        cert = %files.cert.display(),
                         %error,
                         "waiting for the webhook's serving certificate"
                     );
@@ -211,18 +206,22 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             stop.clone(),
         );
         tasks.spawn(async move {
-            let Some(tls) = wait_for_tls(&cert, &key, None, &stop).await else {
+            let files = TlsFiles {
+                cert,
+                key,
+                client_ca: None,
+                client_certificates: ClientCertificates::Required,
+            };
+            let Some(tls) = wait_for_tls(&files, &stop).await else {
                 return Ok(());
             };
             // The webhook's watcher of the same files reports their expiry and failed
             // reloads; this one must not count them twice.
             let reload = server::watch_tls_files(
                 tls.clone(),
-                cert,
-                key,
-                None,
+                files,
                 reload_interval,
-                Arc::new(Metrics::default()),
+                None,
                 stop.clone().cancelled_owned(),
             );
             let serve = crate::feed::serve_feed(listener, tls, feed, stop.cancelled_owned());
@@ -236,18 +235,21 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         let tls_loaded = tls_loaded.clone();
         let metrics = state.metrics.clone();
         tasks.spawn(async move {
-            let Some(tls) = wait_for_tls(&tls_cert, &tls_key, client_ca.as_deref(), &stop).await
-            else {
+            let files = TlsFiles {
+                cert: tls_cert,
+                key: tls_key,
+                client_ca,
+                client_certificates: ClientCertificates::Required,
+            };
+            let Some(tls) = wait_for_tls(&files, &stop).await else {
                 return Ok(());
             };
             tls_loaded.store(true, std::sync::atomic::Ordering::Release);
             let reload = server::watch_tls_files(
                 tls.clone(),
-                tls_cert,
-                tls_key,
-                client_ca,
+                files,
                 reload_interval,
-                metrics,
+                Some(metrics),
                 stop.clone().cancelled_owned(),
             );
             let serve =

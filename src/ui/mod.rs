@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::telemetry::LogFormat;
+use crate::webhook::tls::{ClientCertificates, TlsFiles, watch_tls_files};
 use config::{NamespaceRule, Settings};
 
 /// Errors of the Secrets page.
@@ -219,7 +220,11 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
         .await
         .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_config(cert, key, args.proxy_client_ca.as_deref())?),
+        (Some(cert), Some(key)) => {
+            let files = tls_files(cert, key, args.proxy_client_ca.as_deref());
+            let config = files.server_config()?;
+            Some((files, config))
+        }
         _ => None,
     };
     let state = server::UiState::new(server::Shared {
@@ -231,27 +236,23 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
     let app = server::router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = %args.addr, tls = tls.is_some(), "serving the Secrets page");
     match tls {
-        Some(config) => {
+        Some((files, config)) => {
             let handle = axum_server::Handle::new();
             let stopper = handle.clone();
             tokio::spawn(async move {
                 crate::signal::termination().await;
                 stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
             });
-            let rustls_config = axum_server::tls_rustls::RustlsConfig::from_config(config);
-            if let (Some(cert), Some(key)) = (args.tls_cert.clone(), args.tls_key.clone()) {
-                let files = TlsFiles {
-                    cert,
-                    key,
-                    client_ca: args.proxy_client_ca.clone(),
-                };
-                tokio::spawn(watch_tls(
-                    rustls_config.clone(),
-                    files,
-                    args.reload_interval,
-                    crate::signal::termination(),
-                ));
-            }
+            let rustls_config =
+                axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+            // The page exports no metrics: nothing to report the reloads to but the log.
+            tokio::spawn(watch_tls_files(
+                rustls_config.clone(),
+                files,
+                args.reload_interval,
+                None,
+                crate::signal::termination(),
+            ));
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls_config);
             axum_server::bind(args.addr)
                 .acceptor(server::ProxyCertificateAcceptor::new(acceptor))
@@ -273,102 +274,19 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The files the page's TLS configuration is made of.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
-}
-
-impl TlsFiles {
-    /// The files' bytes, to notice a change; `None` while one cannot be read.
-    fn contents(&self) -> Option<Vec<Vec<u8>>> {
-        let mut all = vec![
-            std::fs::read(&self.cert).ok()?,
-            std::fs::read(&self.key).ok()?,
-        ];
-        if let Some(ca) = &self.client_ca {
-            all.push(std::fs::read(ca).ok()?);
-        }
-        Some(all)
-    }
-}
-
-/// Serve a changed certificate, key or client CA to new connections: check `files` every
-/// `interval` until `shutdown`. The files as they are when this is called are the baseline;
-/// a set that does not load (half-written) is retried on the next tick.
-pub async fn watch_tls(
-    tls: axum_server::tls_rustls::RustlsConfig,
-    files: TlsFiles,
-    interval: std::time::Duration,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let mut last = files.contents();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        let current = files.contents();
-        if current.is_none() || current == last {
-            continue;
-        }
-        match tls_config(&files.cert, &files.key, files.client_ca.as_deref()) {
-            Ok(config) => {
-                tls.reload_from_config(config);
-                tracing::info!(cert = %files.cert.display(), "TLS certificate of the Secrets page reloaded");
-                last = current;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "TLS certificate of the Secrets page not reloaded")
-            }
-        }
-    }
-}
-
-/// The server's TLS configuration; with `client_ca`, client certificates it signed are
-/// verified (and optional, so that probes and the refusal page still work without one).
-pub fn tls_config(
+/// The page's TLS files: with `client_ca`, client certificates it signed are verified (and
+/// optional, so that probes and the refusal page still work without one).
+pub fn tls_files(
     cert: &std::path::Path,
     key: &std::path::Path,
     client_ca: Option<&std::path::Path>,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|_| anyhow::anyhow!("failed to read the certificate {}", cert.display()))?;
-    let private = PrivateKeyDer::from_pem_file(key)
-        .map_err(|_| anyhow::anyhow!("failed to read the private key {}", key.display()))?;
-    let builder = rustls::ServerConfig::builder();
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca)
-                .map_err(|_| anyhow::anyhow!("failed to read the client CA {}", ca.display()))?
-            {
-                let cert = cert.map_err(|_| {
-                    anyhow::anyhow!("failed to read the client CA {}", ca.display())
-                })?;
-                roots
-                    .add(cert)
-                    .with_context(|| format!("failed to use the client CA {}", ca.display()))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-                .allow_unauthenticated()
-                .build()
-                .context("failed to build the client certificate verifier")?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(chain, private)
-        .context("failed to use the certificate and key")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+) -> TlsFiles {
+    TlsFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        client_ca: client_ca.map(std::path::Path::to_owned),
+        client_certificates: ClientCertificates::Optional,
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The webhook's TLS configuration: certificate and key from PEM files, optionally a client
-//! CA whose certificates alone may connect (mutual TLS), reloaded when a file changes.
+//! TLS configurations from PEM files (the webhook's, the value feed's, the Secrets page's):
+//! certificate and key, optionally a client CA whose certificates are required (mutual TLS)
+//! or verified when presented, reloaded when a file changes.
 
 use axum_server::tls_rustls::RustlsConfig;
 use rustls::pki_types::pem::PemObject as _;
@@ -36,13 +37,24 @@ pub enum TlsError {
     Identity(#[source] rustls::Error),
 }
 
-/// The files a webhook TLS configuration is made of.
+/// Whether clients must present a certificate issued by the client CA, or may connect without
+/// one (a certificate presented is still verified).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientCertificates {
+    #[default]
+    Required,
+    Optional,
+}
+
+/// The files a TLS configuration is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// When set, clients must present a certificate issued by one of these CAs.
+    /// When set, client certificates are verified against these CAs.
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client certificate is required.
+    pub client_certificates: ClientCertificates,
 }
 
 /// The content of [`TlsFiles`], to notice a change.
@@ -87,12 +99,15 @@ impl TlsFiles {
                         .add(ca)
                         .map_err(|_| TlsError::Certificate(path.clone()))?;
                 }
-                let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-                    .build()
-                    .map_err(|source| TlsError::ClientCa {
-                        path: path.clone(),
-                        source,
-                    })?;
+                let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+                let verifier = match self.client_certificates {
+                    ClientCertificates::Required => verifier,
+                    ClientCertificates::Optional => verifier.allow_unauthenticated(),
+                };
+                let verifier = verifier.build().map_err(|source| TlsError::ClientCa {
+                    path: path.clone(),
+                    source,
+                })?;
                 builder.with_client_cert_verifier(verifier)
             }
             _ => builder.with_no_client_auth(),
@@ -100,7 +115,7 @@ impl TlsFiles {
         let mut config = builder
             .with_single_cert(chain, key)
             .map_err(TlsError::Identity)?;
-        // The API server speaks HTTP/2 when offered, HTTP/1.1 otherwise.
+        // The API server (and browsers) speak HTTP/2 when offered, HTTP/1.1 otherwise.
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
@@ -131,6 +146,7 @@ pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<RustlsC
         cert: cert.to_owned(),
         key: key.to_owned(),
         client_ca: client_ca.map(Path::to_owned),
+        client_certificates: ClientCertificates::Required,
     };
     Ok(RustlsConfig::from_config(Arc::new(files.server_config()?)))
 }
@@ -138,25 +154,16 @@ pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<RustlsC
 /// Reload the TLS configuration when the certificate, the key or the client CA changes
 /// (cert-manager rotates them in place); open connections keep their session, new ones get
 /// the new configuration. The files as they are when this is called are the baseline: call it
-/// right after loading `tls` from them. `metrics` get the notAfter of the certificate in force
-/// and the failed reloads.
+/// right after loading `tls` from them. `metrics`, when given, get the notAfter of the
+/// certificate in force and the failed reloads (one watcher per set of files reports them).
 pub fn watch_tls_files(
     tls: RustlsConfig,
-    cert: PathBuf,
-    key: PathBuf,
-    client_ca: Option<PathBuf>,
+    files: TlsFiles,
     interval: Duration,
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
     shutdown: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
-    let mut watch = TlsWatch::new(
-        TlsFiles {
-            cert,
-            key,
-            client_ca,
-        },
-        metrics,
-    );
+    let mut watch = TlsWatch::new(files, metrics);
     async move {
         tokio::pin!(shutdown);
         loop {
@@ -174,7 +181,7 @@ pub fn watch_tls_files(
 /// The state of [`watch_tls_files`] between checks.
 struct TlsWatch {
     files: TlsFiles,
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
     /// The contents in force.
     last: Option<Contents>,
     /// The contents that failed last, so a bad set is counted once, not on every check.
@@ -186,9 +193,11 @@ struct TlsWatch {
 impl TlsWatch {
     /// Starts from the files as they are (the configuration in force was just loaded from
     /// them).
-    fn new(files: TlsFiles, metrics: Arc<Metrics>) -> Self {
+    fn new(files: TlsFiles, metrics: Option<Arc<Metrics>>) -> Self {
         let last = files.read().ok();
-        if let Some(seconds) = last.as_ref().and_then(|c| not_after(&c.cert)) {
+        if let (Some(metrics), Some(seconds)) =
+            (&metrics, last.as_ref().and_then(|c| not_after(&c.cert)))
+        {
             metrics.tls_not_after.set(seconds);
         }
         Self {
@@ -200,13 +209,19 @@ impl TlsWatch {
         }
     }
 
+    fn count_failure(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.tls_reload_failures.inc();
+        }
+    }
+
     /// One check: the new configuration to put in force, if the files changed and load.
     fn check(&mut self) -> Option<rustls::ServerConfig> {
         let current = match self.files.read() {
             Ok(current) => current,
             Err(error) => {
                 if !self.unreadable {
-                    self.metrics.tls_reload_failures.inc();
+                    self.count_failure();
                     tracing::warn!(%error, "TLS certificate not reloaded");
                 }
                 self.unreadable = true;
@@ -220,8 +235,8 @@ impl TlsWatch {
         match self.files.config_of(&current) {
             Ok(config) => {
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-                if let Some(seconds) = not_after(&current.cert) {
-                    self.metrics.tls_not_after.set(seconds);
+                if let (Some(metrics), Some(seconds)) = (&self.metrics, not_after(&current.cert)) {
+                    metrics.tls_not_after.set(seconds);
                 }
                 self.last = Some(current);
                 self.failed = None;
@@ -229,7 +244,7 @@ impl TlsWatch {
             }
             // A half-written set fails to parse; the next change is tried again.
             Err(error) => {
-                self.metrics.tls_reload_failures.inc();
+                self.count_failure();
                 tracing::warn!(%error, "TLS certificate not reloaded");
                 self.failed = Some(current);
                 None
@@ -261,8 +276,9 @@ mod tests {
                 cert: dir.join("tls.crt"),
                 key: dir.join("tls.key"),
                 client_ca: None,
+                client_certificates: ClientCertificates::Required,
             },
-            metrics.clone(),
+            Some(metrics.clone()),
         )
     }
 
