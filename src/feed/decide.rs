@@ -5,8 +5,8 @@ use base64::Engine as _;
 use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -14,9 +14,9 @@ use super::{
     EGRESS_ANNOTATION, FEED_AUDIENCE, PROXY_CONTAINER_NAME, PROXY_EGRESS_ENV, PROXY_OWNER_ENV,
     PROXY_PLACEHOLDERS_ENV,
 };
-use crate::api::{OWNER_LABEL, SealedError};
+use crate::api::OWNER_LABEL;
 use crate::cache::CachedSecret;
-use crate::crypto::{Envelope, Keyring, SealContext};
+use crate::crypto::Keyring;
 use crate::secretless::snapshot::{
     EgressMode, HostPattern, PLACEHOLDER_MIN_RANDOM, PLACEHOLDER_PREFIX, Placement,
 };
@@ -234,36 +234,6 @@ fn valid_placeholder(placeholder: &str) -> bool {
         })
 }
 
-/// What the feed needs of one AgentSecret.
-#[derive(Debug, Clone)]
-pub struct FeedSecret<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
-    pub owner: &'a str,
-    pub env_name: &'a str,
-    pub sealed: Option<&'a Result<Envelope, SealedError>>,
-    pub allowed_hosts: &'a [String],
-    pub inject_as: &'a [String],
-    pub allow_plain_http: bool,
-    /// The canonical constraints text the value is sealed with (its AAD).
-    pub constraints: Cow<'a, str>,
-}
-
-/// The feed's view of a cached AgentSecret.
-pub fn feed_secret(cached: &CachedSecret) -> FeedSecret<'_> {
-    FeedSecret {
-        namespace: &cached.namespace,
-        name: &cached.name,
-        owner: &cached.owner,
-        env_name: &cached.env_name,
-        sealed: cached.sealed.as_ref(),
-        allowed_hosts: &cached.allowed_hosts,
-        inject_as: &cached.inject_as,
-        allow_plain_http: cached.allow_plain_http,
-        constraints: Cow::Borrowed(&cached.constraints),
-    }
-}
-
 /// Why a secret of the owner is left out of a pod's snapshot although the pod has its
 /// placeholder. Names only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,17 +286,17 @@ struct LineEntry<'a> {
 pub fn render_snapshot(
     pod: &Admitted,
     namespace: &str,
-    secrets: &[FeedSecret<'_>],
+    secrets: &[Arc<CachedSecret>],
     keyring: &Keyring,
 ) -> Rendered {
-    let mut by_env: BTreeMap<&str, Vec<&FeedSecret<'_>>> = BTreeMap::new();
+    let mut by_env: BTreeMap<&str, Vec<&CachedSecret>> = BTreeMap::new();
     for secret in secrets {
         if secret.namespace == namespace
             && secret.owner == pod.owner
-            && pod.placeholders.contains_key(secret.env_name)
-            && !secret.allowed_hosts.is_empty()
+            && pod.placeholders.contains_key(&secret.env_name)
+            && secret.is_secretless_capable()
         {
-            by_env.entry(secret.env_name).or_default().push(secret);
+            by_env.entry(&secret.env_name).or_default().push(secret);
         }
     }
     let mut skipped = Vec::new();
@@ -360,8 +330,8 @@ pub fn render_snapshot(
             env_name,
             placeholder,
             value,
-            allowed_hosts: secret.allowed_hosts,
-            inject_as: secret.inject_as,
+            allowed_hosts: &secret.allowed_hosts,
+            inject_as: &secret.inject_as,
             allow_plain_http: secret.allow_plain_http,
         });
     }
@@ -382,7 +352,7 @@ pub fn render_snapshot(
                     + 2 * v.len()
                     + s.allowed_hosts
                         .iter()
-                        .chain(s.inject_as)
+                        .chain(&s.inject_as)
                         .map(|h| h.len() + 4)
                         .sum::<usize>()
             })
@@ -404,7 +374,7 @@ pub fn render_snapshot(
 /// The secret's value, when it is servable: hosts and placements well-formed (the proxy would
 /// refuse the whole snapshot otherwise), sealed, opening for its namespace, owner, env name and
 /// constraints, and text.
-fn open(secret: &FeedSecret<'_>, keyring: &Keyring) -> Result<Zeroizing<String>, &'static str> {
+fn open(secret: &CachedSecret, keyring: &Keyring) -> Result<Zeroizing<String>, &'static str> {
     if secret
         .allowed_hosts
         .iter()
@@ -419,19 +389,13 @@ fn open(secret: &FeedSecret<'_>, keyring: &Keyring) -> Result<Zeroizing<String>,
     {
         return Err("an injectAs placement is malformed");
     }
-    let envelope = match secret.sealed {
+    let envelope = match &secret.sealed {
         None => return Err("it has not been sealed yet"),
         Some(Err(_)) => return Err("its sealed value is malformed"),
         Some(Ok(envelope)) => envelope,
     };
-    let ctx = SealContext {
-        namespace: secret.namespace,
-        owner: secret.owner,
-        env_name: secret.env_name,
-        constraints: &secret.constraints,
-    };
     let plain = keyring
-        .open(envelope, ctx)
+        .open(envelope, secret.seal_context())
         .map_err(|_| "its value does not open with the keyring")?;
     let text = std::str::from_utf8(plain.expose()).map_err(|_| "its value is not text")?;
     if text.is_empty() {
@@ -443,6 +407,7 @@ fn open(secret: &FeedSecret<'_>, keyring: &Keyring) -> Result<Zeroizing<String>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::SealContext;
     use k8s_openapi::api::authentication::v1::UserInfo;
     use serde_json::json;
 
@@ -753,58 +718,35 @@ mod tests {
         );
     }
 
-    const HOSTS: &[String] = &[];
-
-    fn hosts(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    struct Stored {
-        namespace: &'static str,
-        name: &'static str,
-        owner: &'static str,
-        env: &'static str,
-        sealed: Option<Result<Envelope, SealedError>>,
-        hosts: Vec<String>,
-    }
-
+    /// alice's (or `owner`'s) AgentSecret in `sandboxes` as the cache holds it: bound to
+    /// `allowed` hosts (sealed with them, as the webhook seals), or env-only when none.
     fn stored(
         keyring: &Keyring,
-        name: &'static str,
-        owner: &'static str,
-        env: &'static str,
+        name: &str,
+        owner: &str,
+        env: &str,
         value: &str,
         allowed: &[&str],
-    ) -> Stored {
-        let sealed = keyring
-            .seal(
-                value.as_bytes(),
-                SealContext::new("sandboxes", owner, env),
-                crate::testing::SEALED_AT,
+    ) -> CachedSecret {
+        let object = if allowed.is_empty() {
+            crate::testing::agent_secret("sandboxes", name, owner, env, keyring, value)
+        } else {
+            crate::testing::secretless_agent_secret(
+                "sandboxes",
+                name,
+                owner,
+                env,
+                keyring,
+                value,
+                allowed,
             )
-            .unwrap();
-        Stored {
-            namespace: "sandboxes",
-            name,
-            owner,
-            env,
-            sealed: Some(Ok(sealed)),
-            hosts: hosts(allowed),
-        }
+        };
+        CachedSecret::from_object(&object).unwrap()
     }
 
-    fn view(s: &Stored) -> FeedSecret<'_> {
-        FeedSecret {
-            namespace: s.namespace,
-            name: s.name,
-            owner: s.owner,
-            env_name: s.env,
-            sealed: s.sealed.as_ref(),
-            allowed_hosts: &s.hosts,
-            inject_as: HOSTS,
-            allow_plain_http: false,
-            constraints: Cow::Borrowed(""),
-        }
+    fn render(secrets: Vec<CachedSecret>, keyring: &Keyring) -> Rendered {
+        let secrets: Vec<Arc<CachedSecret>> = secrets.into_iter().map(Arc::new).collect();
+        render_snapshot(&admitted_alice(), "sandboxes", &secrets, keyring)
     }
 
     fn admitted_alice() -> Admitted {
@@ -849,11 +791,10 @@ mod tests {
                 &["api.a.test"],
             ),
         ];
-        let mut env_only = stored(&keyring, "b2", "alice", "B_KEY", "x", &[]);
-        env_only.hosts.clear();
-        let mut views: Vec<FeedSecret<'_>> = secrets.iter().map(view).collect();
-        views.push(view(&env_only));
-        let rendered = render_snapshot(&admitted_alice(), "sandboxes", &views, &keyring);
+        let env_only = stored(&keyring, "b2", "alice", "B_KEY", "x", &[]);
+        let mut all = secrets.to_vec();
+        all.push(env_only);
+        let rendered = render(all, &keyring);
         assert_eq!(rendered.served, ["A_TOKEN", "B_KEY"]);
         assert!(rendered.skipped.is_empty(), "{:?}", rendered.skipped);
         assert_eq!(rendered.line.last(), Some(&b'\n'));
@@ -895,12 +836,7 @@ mod tests {
             "canary-b-value",
             &["b.test"],
         );
-        let rendered = render_snapshot(
-            &admitted_alice(),
-            "sandboxes",
-            &[view(&good), view(&foreign)],
-            &keyring,
-        );
+        let rendered = render(vec![good.clone(), foreign], &keyring);
         assert_eq!(rendered.served, ["A_TOKEN"]);
         assert_eq!(
             rendered.skipped,
@@ -916,23 +852,15 @@ mod tests {
             "alice",
             "B_KEY",
             "canary-b-value",
-            &["*.com"],
+            &["b.test"],
         );
-        let rendered = render_snapshot(
-            &admitted_alice(),
-            "sandboxes",
-            &[view(&good), view(&bad_host)],
-            &keyring,
-        );
+        // The CRD refuses such a host; an object stored before the rule must not break the line.
+        bad_host.allowed_hosts = vec!["*.com".into()];
+        let rendered = render(vec![good.clone(), bad_host.clone()], &keyring);
         assert_eq!(rendered.skipped[0].reason, "an allowed host is malformed");
-        bad_host.hosts = hosts(&["b.test"]);
+        bad_host.allowed_hosts = vec!["b.test".into()];
         bad_host.sealed = None;
-        let rendered = render_snapshot(
-            &admitted_alice(),
-            "sandboxes",
-            &[view(&good), view(&bad_host)],
-            &keyring,
-        );
+        let rendered = render(vec![good.clone(), bad_host], &keyring);
         assert_eq!(rendered.skipped[0].reason, "it has not been sealed yet");
 
         let twin = stored(
@@ -943,12 +871,7 @@ mod tests {
             "canary-twin",
             &["api.a.test"],
         );
-        let rendered = render_snapshot(
-            &admitted_alice(),
-            "sandboxes",
-            &[view(&good), view(&twin)],
-            &keyring,
-        );
+        let rendered = render(vec![good, twin], &keyring);
         assert!(rendered.served.is_empty());
         assert_eq!(rendered.skipped.len(), 2);
         assert!(
@@ -971,35 +894,8 @@ mod tests {
             .unwrap();
         let mut secret = stored(&keyring, "a", "alice", "A_TOKEN", "unused", &["api.a.test"]);
         secret.sealed = Some(Ok(sealed));
-        let mut v = view(&secret);
-        assert!(
-            render_snapshot(
-                &admitted_alice(),
-                "sandboxes",
-                std::slice::from_ref(&v),
-                &keyring
-            )
-            .served
-            .is_empty()
-        );
-        v.constraints = Cow::Borrowed("hosts=api.a.test");
-        assert_eq!(
-            render_snapshot(&admitted_alice(), "sandboxes", &[v], &keyring).served,
-            ["A_TOKEN"]
-        );
-    }
-
-    #[test]
-    fn the_adapter_keeps_identity_and_sealed_value_of_the_cached_secret() {
-        let keyring = crate::testing::keyring("k1");
-        let object =
-            crate::testing::agent_secret("sandboxes", "a", "alice", "A_TOKEN", &keyring, "v");
-        let cached = CachedSecret::from_object(&object).unwrap();
-        let view = feed_secret(&cached);
-        assert_eq!(
-            (view.namespace, view.name, view.owner, view.env_name),
-            ("sandboxes", "a", "alice", "A_TOKEN")
-        );
-        assert!(matches!(view.sealed, Some(Ok(_))));
+        assert!(render(vec![secret.clone()], &keyring).served.is_empty());
+        secret.constraints = "hosts=api.a.test".into();
+        assert_eq!(render(vec![secret], &keyring).served, ["A_TOKEN"]);
     }
 }

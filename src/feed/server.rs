@@ -383,9 +383,7 @@ async fn stream_pod(
                 if unchanged(last.as_ref(), &secrets, &keyring) {
                     continue;
                 }
-                let views: Vec<_> = secrets.iter().map(|s| decide::feed_secret(s)).collect();
-                let rendered = decide::render_snapshot(&admitted, namespace, &views, &keyring);
-                drop(views);
+                let rendered = decide::render_snapshot(&admitted, namespace, &secrets, &keyring);
                 let digest = ring::digest::digest(&ring::digest::SHA256, &rendered.line);
                 let same = last.as_ref().is_some_and(|l| l.digest.as_ref() == digest.as_ref());
                 last = Some(Rendered { secrets, keyring, digest });
