@@ -49,6 +49,13 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "agent-secrets";
 /// Label on pod-scoped Secrets marking them as such (value `"true"`).
 pub const POD_SCOPED_LABEL: &str = "agentsecrets.io/pod-scoped";
+/// Annotation on pod-scoped Secrets: the end of the reuse window (RFC 3339, whole seconds)
+/// during which new sandboxes of the same owner and content are given this Secret. Once it has
+/// passed, plus [`POD_SECRET_IN_FLIGHT`], the Secret is deleted as soon as no pod names it.
+pub const REUSE_UNTIL_ANNOTATION: &str = "agentsecrets.io/reuse-until";
+/// How long after a reuse window ends an admission handed its Secret's name may still be in
+/// flight: the API server's longest webhook timeout.
+pub const POD_SECRET_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Annotation on pod-scoped Secrets: the admission request that created it.
 pub const REQUEST_UID_ANNOTATION: &str = "agentsecrets.io/request-uid";
 /// Annotation on pod-scoped Secrets: the pod's name, or its `generateName` prefix.

@@ -114,8 +114,8 @@ impl RateLimiter {
 pub struct Settings {
     /// Most re-wraps written per second during a key rotation.
     pub rewrap_per_second: u32,
-    /// How long a pod-scoped Secret waits for its pod before it is deleted.
-    pub pod_secret_grace: Duration,
+    /// How long new sandboxes of one owner share a pod-scoped Secret of the same content.
+    pub pod_secret_reuse_window: Duration,
     /// Most reconciles running at once, per controller.
     pub max_concurrent_reconciles: u16,
     /// Where pod-scoped Secrets and sandbox pods are watched.
@@ -128,7 +128,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             rewrap_per_second: 20,
-            pod_secret_grace: Duration::from_secs(300),
+            pod_secret_reuse_window: Duration::from_secs(300),
             max_concurrent_reconciles: 4,
             sandbox_scopes: vec![WatchScope::Cluster],
             reporter_instance: None,
@@ -148,7 +148,7 @@ pub struct Context {
     /// Re-wraps of the key rotation round in progress.
     pub rotation: rotation::RotationTracker,
     pub rewrap_limiter: RateLimiter,
-    pub pod_secret_grace: Duration,
+    pub pod_secret_reuse_window: Duration,
     pub max_concurrent_reconciles: u16,
     pub sandbox_scopes: Vec<WatchScope>,
     failures: Mutex<HashMap<String, u32>>,
@@ -164,7 +164,7 @@ impl Context {
     ) -> Self {
         let Settings {
             rewrap_per_second,
-            pod_secret_grace,
+            pod_secret_reuse_window,
             max_concurrent_reconciles,
             sandbox_scopes,
             reporter_instance,
@@ -183,7 +183,7 @@ impl Context {
             metrics,
             rotation: rotation::RotationTracker::default(),
             rewrap_limiter: RateLimiter::per_second(rewrap_per_second),
-            pod_secret_grace,
+            pod_secret_reuse_window,
             max_concurrent_reconciles,
             sandbox_scopes,
             failures: Mutex::new(HashMap::new()),

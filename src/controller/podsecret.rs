@@ -160,7 +160,7 @@ pub async fn reconcile<S: Resource<DynamicType = ()>>(
         secret.as_ref(),
         &pods.items,
         Timestamp::now(),
-        ctx.pod_secret_grace,
+        ctx.pod_secret_reuse_window,
     ) {
         SecretAction::Done => Ok(Action::await_change()),
         SecretAction::Adopt(reference) => {
@@ -194,7 +194,12 @@ pub async fn reconcile<S: Resource<DynamicType = ()>>(
                 secret = name,
                 "deleted pod-scoped Secret whose pod never appeared"
             );
-            record(&ctx, secret.as_ref(), collected_event(ctx.pod_secret_grace)).await;
+            record(
+                &ctx,
+                secret.as_ref(),
+                collected_event(ctx.pod_secret_reuse_window),
+            )
+            .await;
             Ok(Action::await_change())
         }
         SecretAction::Wait(after) => Ok(Action::requeue(after)),

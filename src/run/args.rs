@@ -52,9 +52,17 @@ pub struct RunArgs {
     pub keyring: PathBuf,
     #[command(flatten)]
     pub policy: PolicyArgs,
-    /// Delete a pod-scoped Secret whose pod has not appeared after this long.
-    #[arg(long, env = "AGENTSECRETS_POD_SECRET_GRACE", default_value = "5m", value_parser = parse_duration)]
-    pub pod_secret_grace: Duration,
+    /// How long new sandboxes of one owner share a pod-scoped Secret of the same content; it
+    /// is deleted once this window (plus 30 s for admissions in flight) has ended and no pod
+    /// names it. Bounds how long its plaintext outlives the owner's last sandbox.
+    #[arg(
+        long,
+        alias = "pod-secret-grace",
+        env = "AGENTSECRETS_POD_SECRET_REUSE_WINDOW",
+        default_value = "5m",
+        value_parser = parse_duration
+    )]
+    pub pod_secret_reuse_window: Duration,
     /// Most AgentSecret re-wraps written per second during a key rotation.
     #[arg(long, env = "AGENTSECRETS_ROTATION_RATE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub rotation_rate: u32,

@@ -58,7 +58,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         client_ca,
         keyring,
         policy,
-        pod_secret_grace,
+        pod_secret_reuse_window,
         rotation_rate,
         lease_name,
         lease_namespace,
@@ -297,7 +297,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             state.metrics.clone(),
             Settings {
                 rewrap_per_second: rotation_rate,
-                pod_secret_grace,
+                pod_secret_reuse_window,
                 max_concurrent_reconciles,
                 sandbox_scopes,
                 reporter_instance: Some(identity),

@@ -86,7 +86,7 @@ fn start_controller(
     guard: &Guard,
     keyring: KeyringHandle,
     rewrap_per_second: u32,
-    pod_secret_grace: Duration,
+    pod_secret_reuse_window: Duration,
 ) -> Arc<Context> {
     let index = Arc::new(SecretIndex::default());
     spawn_agentsecret_watch(client, &index, &guard.stop);
@@ -97,7 +97,7 @@ fn start_controller(
         Arc::new(Metrics::default()),
         Settings {
             rewrap_per_second,
-            pod_secret_grace,
+            pod_secret_reuse_window,
             reporter_instance: Some(unique("cluster-test-controller")),
             ..Settings::default()
         },
