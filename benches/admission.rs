@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use agent_secrets::api::{AgentSecret, AgentSecretSpec, SecretString};
-use agent_secrets::cache::SecretIndex;
+use agent_secrets::cache::{PodSecretIndex, SecretIndex};
 use agent_secrets::crypto::{Keyring, SealContext};
 use agent_secrets::testing::synthetic;
 use agent_secrets::webhook::review::{PodView, Request, Review};
@@ -106,18 +106,49 @@ fn recorded_pod_review() -> Vec<u8> {
     serde_json::to_vec(&review).unwrap()
 }
 
+/// Record in `warm` the pod-scoped Secret a cold admission of `request` would create.
+fn warm_up(warm: &PodSecretIndex, request: &Request<PodView>, cold: pod::Inputs<'_>) {
+    let pod::Decision::Inject(injection) = pod::mutate(request, cold) else {
+        panic!("the pod is injected");
+    };
+    let Some(pod::PodSecretUse::Create(secret)) = injection.secret else {
+        panic!("a cold admission creates the Secret");
+    };
+    warm.created(&secret.namespace, &secret.name, secret.reuse_until);
+}
+
 fn admission(c: &mut Criterion) {
     let keyring = Keyring::generate("k").unwrap();
     let index = index(&keyring);
     assert_eq!(index.len(), 100_101);
     let policy = Policy::default();
+    let empty = PodSecretIndex::default();
+    let inputs = |pod_secrets| pod::Inputs {
+        keyring: Some(&keyring),
+        index: &index,
+        pod_secrets,
+        policy: &policy,
+        now: NOW,
+    };
+    // Warm: the owner's pod-scoped Secret of this content and window exists, as for every
+    // sandbox but the first of a reuse window.
+    let warm = PodSecretIndex::default();
     let mut group = c.benchmark_group("pod_mutation");
     for (owner, count) in [("one", 1), ("user-42", 20), ("hundred", 100)] {
         let request = pod_request(owner);
+        warm_up(&warm, &request, inputs(&empty));
         group.bench_function(BenchmarkId::new("secrets", count), |b| {
             b.iter(|| {
-                let decision = pod::mutate(black_box(&request), Some(&keyring), &index, &policy);
+                let decision = pod::mutate(black_box(&request), inputs(&empty));
                 assert!(matches!(decision, pod::Decision::Inject(_)));
+                decision
+            })
+        });
+        group.bench_function(BenchmarkId::new("secrets_warm", count), |b| {
+            b.iter(|| {
+                let decision = pod::mutate(black_box(&request), inputs(&warm));
+                assert!(matches!(&decision, pod::Decision::Inject(i)
+                    if matches!(i.secret, Some(pod::PodSecretUse::Reuse { .. }))));
                 decision
             })
         });
@@ -126,19 +157,23 @@ fn admission(c: &mut Criterion) {
 
     // What a request costs in-process: read the recorded 3 kB review, decide, encode the patch.
     let body = recorded_pod_review();
-    c.bench_function("pod_review/parse+mutate+encode/20", |b| {
-        b.iter(|| {
-            let review: Review<PodView> = serde_json::from_slice(black_box(&body)).unwrap();
-            let request = review.request.unwrap();
-            match pod::mutate(&request, Some(&keyring), &index, &policy) {
-                pod::Decision::Inject(injection) => {
-                    use base64::Engine as _;
-                    base64::engine::general_purpose::STANDARD.encode(&injection.patch)
+    let recorded: Review<PodView> = serde_json::from_slice(&body).unwrap();
+    warm_up(&warm, recorded.request.as_ref().unwrap(), inputs(&empty));
+    for (name, pod_secrets) in [("", &empty), ("_warm", &warm)] {
+        c.bench_function(&format!("pod_review/parse+mutate+encode/20{name}"), |b| {
+            b.iter(|| {
+                let review: Review<PodView> = serde_json::from_slice(black_box(&body)).unwrap();
+                let request = review.request.unwrap();
+                match pod::mutate(&request, inputs(pod_secrets)) {
+                    pod::Decision::Inject(injection) => {
+                        use base64::Engine as _;
+                        base64::engine::general_purpose::STANDARD.encode(&injection.patch)
+                    }
+                    other => panic!("{other:?}"),
                 }
-                other => panic!("{other:?}"),
-            }
-        })
-    });
+            })
+        });
+    }
 
     let mut object = AgentSecret::new(
         "user-0-new",

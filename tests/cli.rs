@@ -262,10 +262,10 @@ fn commands_needing_a_cluster_say_none_is_configured() {
 
 #[test]
 fn run_refuses_bad_flags_clearly() {
-    let output = agentsecrets(&["run", "--pod-secret-grace", "5 minutes"]);
+    let output = agentsecrets(&["run", "--pod-secret-reuse-window", "5 minutes"]);
     assert!(!output.status.success());
     assert!(
-        stderr(&output).contains("--pod-secret-grace"),
+        stderr(&output).contains("--pod-secret-reuse-window"),
         "{}",
         stderr(&output)
     );

@@ -355,11 +355,7 @@ async fn a_named_sandbox_pod_gets_its_owners_secrets_by_reference() {
     assert_eq!(created.len(), 1);
     let secret = &created[0];
     let secret_name = secret.metadata.name.clone().unwrap();
-    // Named from the admission's uid, under the prefix only the operator may use.
-    assert_eq!(
-        secret_name,
-        agent_secrets::webhook::pod::pod_secret_name(review["request"]["uid"].as_str().unwrap())
-    );
+    // Named from its owner, content and window, under the prefix only the operator may use.
     assert!(secret_name.starts_with("asec-pod-"), "{secret_name}");
     assert_eq!(secret.metadata.namespace.as_deref(), Some(NAMESPACE));
     assert_eq!(secret.immutable, Some(true));
@@ -367,11 +363,15 @@ async fn a_named_sandbox_pod_gets_its_owners_secrets_by_reference() {
     assert_eq!(labels["agentsecrets.io/owner"], "alice");
     assert_eq!(labels["app.kubernetes.io/managed-by"], "agent-secrets");
     assert_eq!(labels["agentsecrets.io/pod-scoped"], "true");
+    // Reused by alice's next sandboxes until the end of the current window.
     let annotations = secret.metadata.annotations.as_ref().unwrap();
-    assert_eq!(annotations["agentsecrets.io/pod"], "sandbox-alice-1");
-    assert_eq!(
-        annotations["agentsecrets.io/request-uid"],
-        review["request"]["uid"].as_str().unwrap()
+    let until: k8s_openapi::jiff::Timestamp =
+        annotations["agentsecrets.io/reuse-until"].parse().unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    assert!(until > now, "{until}");
+    assert!(
+        until <= now + k8s_openapi::jiff::SignedDuration::from_secs(300),
+        "{until}"
     );
     // Exactly alice's secrets in this namespace: not bob's, not alice's in "other".
     assert_eq!(
@@ -426,15 +426,6 @@ async fn a_generate_name_pod_gets_the_requested_subset_and_its_own_env_wins() {
     assert_eq!(created.len(), 1);
     let secret_name = created[0].metadata.name.clone().unwrap();
     assert!(secret_name.starts_with("asec-pod-"), "{secret_name}");
-    assert_eq!(
-        created[0].metadata.annotations.as_ref().unwrap()["agentsecrets.io/pod"],
-        "sandbox-alice-",
-        "the generateName prefix is recorded"
-    );
-    assert_eq!(
-        created[0].metadata.annotations.as_ref().unwrap()["agentsecrets.io/pod"],
-        "sandbox-alice-"
-    );
     assert_eq!(
         secret_values(&created[0]),
         BTreeMap::from([
@@ -563,6 +554,137 @@ async fn reinvocation_after_an_owner_change_never_keeps_the_first_owners_secret(
     );
 }
 
+/// A pod of `owner` named `name`, as `pod_create_named.json` records it, under a new uid.
+fn sandbox_review(name: &str, uid: u32) -> (String, Value) {
+    let (path, mut review) = fixture("pod_create_named.json");
+    review["request"]["uid"] = json!(format!("5a5a5a5a-0000-4000-8000-{uid:012}"));
+    review["request"]["name"] = json!(name);
+    review["request"]["object"]["metadata"]["name"] = json!(name);
+    (path, review)
+}
+
+#[tokio::test]
+async fn sandboxes_of_one_owner_share_one_secret_and_a_warm_admission_writes_nothing() {
+    let server = serve(fixture_policy()).await;
+    let mut names = Vec::new();
+    for i in 0..3 {
+        let (path, review) = sandbox_review(&format!("sandbox-alice-{i}"), i);
+        let answer = server.review(&path, &review).await;
+        assert_eq!(answer["response"]["allowed"], true, "{answer}");
+        let pod = patched(&review["request"]["object"], &answer);
+        let name = annotation(&pod, "agentsecrets.io/secret-name").to_owned();
+        assert_eq!(
+            env_of(&pod, "sandbox")[0],
+            secret_ref("NOTION_API_KEY", &name)
+        );
+        names.push(name);
+    }
+    assert!(names.iter().all(|n| *n == names[0]), "{names:?}");
+    assert_eq!(server.created().len(), 1, "one write for three sandboxes");
+    let metrics = server.state.metrics.encode();
+    assert!(
+        metrics.contains("agentsecrets_pod_secrets_created_total{result=\"created\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentsecrets_pod_secrets_created_total{result=\"reused\"} 2"),
+        "{metrics}"
+    );
+    // Another owner never gets it.
+    let (path, mut review) = sandbox_review("sandbox-bob-1", 9);
+    review["request"]["object"]["metadata"]["labels"]["agentsecrets.io/owner"] = json!("bob");
+    let answer = server.review(&path, &review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_ne!(annotation(&pod, "agentsecrets.io/secret-name"), names[0]);
+    assert_eq!(server.created().len(), 2);
+}
+
+#[tokio::test]
+async fn a_warm_owner_starts_sandboxes_while_no_keyring_is_loaded() {
+    let server = serve(fixture_policy()).await;
+    let (path, review) = sandbox_review("sandbox-alice-1", 1);
+    let first = server.review(&path, &review).await;
+    assert_eq!(first["response"]["allowed"], true, "{first}");
+    server.state.keyring.clear();
+    // The values were opened when the shared Secret was made; nothing is opened now.
+    let (path, review) = sandbox_review("sandbox-alice-2", 2);
+    let second = server.review(&path, &review).await;
+    assert_eq!(second["response"]["allowed"], true, "{second}");
+    assert_eq!(server.created().len(), 1);
+    // New content still needs the keyring.
+    let (path, mut review) = sandbox_review("sandbox-alice-3", 3);
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({"agentsecrets.io/secrets": "X_BEARER_TOKEN"});
+    let third = server.review(&path, &review).await;
+    assert_eq!(third["response"]["allowed"], false, "{third}");
+    assert!(
+        third["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no keyring")
+    );
+}
+
+#[tokio::test]
+async fn an_edited_or_deleted_secret_gives_the_next_sandbox_a_new_secret_without_the_old_value() {
+    let server = serve(fixture_policy()).await;
+    let keyring = keyring(&server);
+    let (path, review) = sandbox_review("sandbox-alice-1", 1);
+    let first = server.review(&path, &review).await;
+    let first_name = annotation(
+        &patched(&review["request"]["object"], &first),
+        "agentsecrets.io/secret-name",
+    )
+    .to_owned();
+
+    // alice edits her X token: the next sandbox gets the new value in a new Secret.
+    let edited = agent_secret(
+        NAMESPACE,
+        "x-bearer-token",
+        "alice",
+        "X_BEARER_TOKEN",
+        &keyring,
+        "x-new",
+    );
+    server
+        .state
+        .index
+        .apply(kube::runtime::watcher::Event::Apply(edited.clone()));
+    let (path, review) = sandbox_review("sandbox-alice-2", 2);
+    let second = server.review(&path, &review).await;
+    let second_name = annotation(
+        &patched(&review["request"]["object"], &second),
+        "agentsecrets.io/secret-name",
+    )
+    .to_owned();
+    assert_ne!(second_name, first_name);
+    let created = server.created();
+    assert_eq!(created.len(), 2);
+    assert_eq!(secret_values(&created[1])["X_BEARER_TOKEN"], "x-new");
+
+    // She deletes it: the next sandbox's Secret does not hold it at all.
+    server
+        .state
+        .index
+        .apply(kube::runtime::watcher::Event::Delete(edited));
+    let (path, review) = sandbox_review("sandbox-alice-3", 3);
+    let third = server.review(&path, &review).await;
+    let pod = patched(&review["request"]["object"], &third);
+    assert!(
+        env_of(&pod, "sandbox")
+            .iter()
+            .all(|e| e["name"] != "X_BEARER_TOKEN")
+    );
+    let created = server.created();
+    assert_eq!(created.len(), 3);
+    assert!(!secret_values(&created[2]).contains_key("X_BEARER_TOKEN"));
+    assert!(
+        [&first_name, &second_name]
+            .iter()
+            .all(|n| annotation(&pod, "agentsecrets.io/secret-name") != n.as_str())
+    );
+}
+
 #[tokio::test]
 async fn a_spoofed_secret_name_annotation_is_refused() {
     let server = serve(fixture_policy()).await;
@@ -602,10 +724,7 @@ async fn a_pod_referring_to_another_pods_secret_is_refused() {
             assert_eq!(answer["response"]["allowed"], false, "{field} {answer}");
             let message = answer["response"]["status"]["message"].as_str().unwrap();
             assert!(message.contains("\"asec-pod-bobs\""), "{message}");
-            assert!(
-                message.contains("belongs to another sandbox pod"),
-                "{message}"
-            );
+            assert!(message.contains("this pod is not given"), "{message}");
         }
         let (path, mut review) = fixture(file);
         review["request"]["object"]["spec"]["volumes"] =

@@ -326,9 +326,12 @@ async fn no_canary_value_leaks_into_answers_patches_logs_or_metrics() {
     assert_eq!(answer["response"]["allowed"], true);
     let answer = exposed.review(&server, &pod_path, &pod_review).await;
     assert_eq!(answer["response"]["allowed"], true);
-    // A failing Secret creation.
+    // A failing Secret creation (new content: carol's Secret of both values exists).
     *server.writer.fail_with.lock().unwrap() = Some("secrets \"x\" is forbidden".into());
-    let answer = exposed.review(&server, &pod_path, &carol).await;
+    let mut carol_a = carol.clone();
+    carol_a["request"]["object"]["metadata"]["annotations"] =
+        json!({"agentsecrets.io/secrets": "CAROL_A"});
+    let answer = exposed.review(&server, &pod_path, &carol_a).await;
     assert_eq!(answer["response"]["allowed"], false);
     *server.writer.fail_with.lock().unwrap() = None;
 

@@ -256,7 +256,8 @@ async fn reviews_beyond_the_queue_are_turned_away_at_once_with_503() {
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["response"]["allowed"], true, "{answer}");
     }
-    assert_eq!(server.created().len(), 2);
+    // Decided one after the other: the second shares the Secret the first created.
+    assert_eq!(server.created().len(), 1);
 }
 
 #[tokio::test]
@@ -345,13 +346,7 @@ async fn concurrent_pod_reviews_get_independent_answers() {
         assert_eq!(answer["response"]["allowed"], true, "{answer}");
         let pod = patched(&review["request"]["object"], &answer);
         let secret_name = annotation(&pod, "agentsecrets.io/secret-name").to_owned();
-        assert_eq!(
-            secret_name,
-            agent_secrets::webhook::pod::pod_secret_name(
-                review["request"]["uid"].as_str().unwrap()
-            ),
-            "pod {i}"
-        );
+        // Every pod has its own owner, so none shares another's Secret.
         assert!(
             names.insert(secret_name.clone()),
             "Secret name {secret_name} reused"
@@ -378,15 +373,6 @@ async fn concurrent_pod_reviews_get_independent_answers() {
         assert_eq!(
             secret.metadata.labels.as_ref().unwrap()["agentsecrets.io/owner"],
             owner
-        );
-        let annotations = secret.metadata.annotations.as_ref().unwrap();
-        assert_eq!(
-            annotations["agentsecrets.io/request-uid"],
-            review["request"]["uid"].as_str().unwrap()
-        );
-        assert_eq!(
-            annotations["agentsecrets.io/pod"],
-            format!("sandbox-user-{i:02}")
         );
     }
     assert_eq!(created.len(), PODS);

@@ -203,22 +203,31 @@ async fn env_names_that_hijack_a_runtime_are_refused() {
 #[tokio::test]
 async fn forged_pod_reviews_stop_creating_secrets_past_the_per_namespace_bound() {
     let policy = Policy {
-        max_unadopted_pod_secrets: 2,
+        max_pod_secrets_per_window: 2,
         ..fixture_policy()
     };
     let server = serve(policy).await;
     let (path, template) = fixture("pod_create_named.json");
-    let mut answers = Vec::new();
-    for i in 0..3 {
+    // Each asks for other content, so each would need a new Secret.
+    let review_of = |i: usize, secrets: &str| {
         let mut review = template.clone();
         review["request"]["uid"] = json!(format!("f0f0f0f0-0000-4000-8000-{i:012}"));
-        answers.push(server.review(&path, &review).await);
+        review["request"]["object"]["metadata"]["annotations"] =
+            json!({"agentsecrets.io/secrets": secrets});
+        review
+    };
+    let mut answers = Vec::new();
+    for (i, secrets) in ["X_BEARER_TOKEN", "NOTION_API_KEY", "OPENAI_API_KEY"]
+        .into_iter()
+        .enumerate()
+    {
+        answers.push(server.review(&path, &review_of(i, secrets)).await);
     }
     assert_eq!(answers[0]["response"]["allowed"], true);
     assert_eq!(answers[1]["response"]["allowed"], true);
     denied_with(
         &answers[2],
-        "already has 2 pod-scoped Secrets whose pods have not appeared",
+        "already has 2 pod-scoped Secrets in their reuse window",
     );
     assert_eq!(server.created().len(), 2);
     let metrics = server.state.metrics.encode();
@@ -226,11 +235,8 @@ async fn forged_pod_reviews_stop_creating_secrets_past_the_per_namespace_bound()
         metrics.contains("agentsecrets_pod_secrets_created_total{result=\"limited\"} 1"),
         "{metrics}"
     );
-    // A reinvocation of an admitted pod still goes through: its Secret exists already.
-    let mut again = template.clone();
-    again["request"]["uid"] = json!("f0f0f0f0-0000-4000-8000-000000000000");
-    assert_eq!(
-        server.review(&path, &again).await["response"]["allowed"],
-        true
-    );
+    // A sandbox given a Secret that exists still starts: it writes nothing.
+    let again = server.review(&path, &review_of(7, "X_BEARER_TOKEN")).await;
+    assert_eq!(again["response"]["allowed"], true, "{again}");
+    assert_eq!(server.created().len(), 2);
 }

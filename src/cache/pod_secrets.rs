@@ -1,18 +1,28 @@
-//! The pod-scoped Secrets that exist, per namespace, and which of them wait for their pod.
+//! The pod-scoped Secrets that exist, per namespace, and until when each is reused.
 
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher;
 use std::collections::HashMap;
 use std::sync::RwLock;
 
 use super::WatchScope;
+use crate::api::REUSE_UNTIL_ANNOTATION;
 
-/// The pod-scoped Secrets that exist, per namespace, and which of them wait for their pod (no
-/// ownerReference yet), fed by metadata-only watches (values are never transferred). Bounds
-/// what forged admission reviews can make the operator create.
+/// The pod-scoped Secrets that exist, per namespace, with the end of each one's reuse window,
+/// fed by metadata-only watches (values are never transferred). The webhook looks a sandbox's
+/// Secret up here, so a warm owner's admission writes nothing; the count of the current
+/// windows' Secrets bounds what forged admission reviews can make the operator create.
 #[derive(Debug, Default)]
 pub struct PodSecretIndex {
-    /// namespace → Secret name → adopted by its pod.
-    state: RwLock<HashMap<String, HashMap<String, bool>>>,
+    /// namespace → Secret name → end of its reuse window (Unix seconds; `None` for Secrets of
+    /// older versions, made for one pod and never reused).
+    state: RwLock<HashMap<String, HashMap<String, Option<i64>>>>,
+}
+
+/// The end of a pod-scoped Secret's reuse window, from its annotation.
+pub fn reuse_until(meta: &kube::api::ObjectMeta) -> Option<i64> {
+    let text = meta.annotations.as_ref()?.get(REUSE_UNTIL_ANNOTATION)?;
+    text.parse::<Timestamp>().ok().map(|t| t.as_second())
 }
 
 impl PodSecretIndex {
@@ -28,28 +38,23 @@ impl PodSecretIndex {
         match event {
             watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
                 if let Some((namespace, name)) = key(&object) {
-                    let adopted = !object
-                        .meta()
-                        .owner_references
-                        .as_deref()
-                        .unwrap_or_default()
-                        .is_empty();
-                    state.entry(namespace).or_default().insert(name, adopted);
-                }
-            }
-            watcher::Event::Delete(object) => {
-                if let Some((namespace, name)) = key(&object)
-                    && let Some(names) = state.get_mut(&namespace)
-                {
-                    names.remove(&name);
-                    if names.is_empty() {
-                        state.remove(&namespace);
+                    // A Secret being deleted is no longer handed out.
+                    if object.meta().deletion_timestamp.is_some() {
+                        remove(&mut state, &namespace, &name);
+                    } else {
+                        let until = reuse_until(object.meta());
+                        state.entry(namespace).or_default().insert(name, until);
                     }
                 }
             }
+            watcher::Event::Delete(object) => {
+                if let Some((namespace, name)) = key(&object) {
+                    remove(&mut state, &namespace, &name);
+                }
+            }
             // A relist re-applies everything; entries of Secrets deleted meanwhile would be
-            // stale, so start over (the count only bounds new creations). Only the relisting
-            // watch's own scope: per-namespace watches relist independently.
+            // stale, so start over. Only the relisting watch's own scope: per-namespace
+            // watches relist independently.
             watcher::Event::Init => match scope {
                 WatchScope::Cluster => state.clear(),
                 WatchScope::Namespace(namespace) => {
@@ -60,14 +65,13 @@ impl PodSecretIndex {
         }
     }
 
-    /// Record a Secret this replica just created, before the watch reports it.
-    pub fn created(&self, namespace: &str, name: &str) {
+    /// Record a Secret this replica just created (or found), before the watch reports it.
+    pub fn created(&self, namespace: &str, name: &str, reuse_until: i64) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state
             .entry(namespace.to_owned())
             .or_default()
-            .entry(name.to_owned())
-            .or_insert(false);
+            .insert(name.to_owned(), Some(reuse_until));
     }
 
     /// Whether the Secret exists (as far as this replica knows).
@@ -78,30 +82,42 @@ impl PodSecretIndex {
             .is_some_and(|names| names.contains_key(name))
     }
 
-    /// Pod-scoped Secrets in `namespace` not yet adopted by their pod.
-    pub fn unadopted(&self, namespace: &str) -> usize {
+    /// Pod-scoped Secrets in `namespace` whose reuse window has not ended at `now` (Unix
+    /// seconds): those new sandboxes may still be given.
+    pub fn reusable(&self, namespace: &str, now: i64) -> usize {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         state.get(namespace).map_or(0, |names| {
-            names.values().filter(|adopted| !**adopted).count()
+            names
+                .values()
+                .filter(|until| until.is_some_and(|until| until > now))
+                .count()
         })
+    }
+}
+
+fn remove(state: &mut HashMap<String, HashMap<String, Option<i64>>>, namespace: &str, name: &str) {
+    if let Some(names) = state.get_mut(namespace) {
+        names.remove(name);
+        if names.is_empty() {
+            state.remove(namespace);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     type SecretMeta = kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>;
 
-    fn pod_secret(namespace: &str, name: &str, adopted: bool) -> SecretMeta {
-        let mut meta = kube::api::ObjectMeta {
+    fn pod_secret(namespace: &str, name: &str, until: Option<&str>) -> SecretMeta {
+        let meta = kube::api::ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
+            annotations: until.map(|u| [(REUSE_UNTIL_ANNOTATION.to_owned(), u.to_owned())].into()),
             ..Default::default()
         };
-        if adopted {
-            meta.owner_references = Some(vec![Default::default()]);
-        }
         kube::core::PartialObjectMeta {
             types: None,
             metadata: meta,
@@ -109,46 +125,78 @@ mod tests {
         }
     }
 
+    const NOW: i64 = 1_800_000_000; // 2027-01-15T08:00:00Z
+
     #[test]
-    fn pod_secrets_waiting_for_their_pod_are_counted_per_namespace() {
+    fn secrets_still_in_their_reuse_window_are_counted_per_namespace() {
         let index = PodSecretIndex::default();
         let all = WatchScope::Cluster;
         index.apply(&all, watcher::Event::<SecretMeta>::Init);
+        let current = Some("2027-01-15T08:05:00Z");
+        let ended = Some("2027-01-15T08:00:00Z");
         index.apply(
             &all,
-            watcher::Event::InitApply(pod_secret("ns", "a", false)),
+            watcher::Event::InitApply(pod_secret("ns", "a", current)),
         );
-        index.apply(&all, watcher::Event::InitApply(pod_secret("ns", "b", true)));
+        index.apply(
+            &all,
+            watcher::Event::InitApply(pod_secret("ns", "b", ended)),
+        );
+        index.apply(
+            &all,
+            watcher::Event::InitApply(pod_secret("ns", "old", None)),
+        );
+        index.apply(
+            &all,
+            watcher::Event::InitApply(pod_secret("ns", "odd", Some("soon"))),
+        );
         index.apply(&all, watcher::Event::<SecretMeta>::InitDone);
-        assert_eq!(index.unadopted("ns"), 1);
-        index.created("ns", "c");
-        assert_eq!(index.unadopted("ns"), 2);
+        assert_eq!(index.reusable("ns", NOW), 1);
+        assert!(index.contains("ns", "b") && index.contains("ns", "old"));
+        index.created("ns", "c", NOW + 300);
+        assert_eq!(index.reusable("ns", NOW), 2);
         assert!(index.contains("ns", "c"));
-        index.apply(&all, watcher::Event::Apply(pod_secret("ns", "a", true)));
-        index.apply(&all, watcher::Event::Delete(pod_secret("ns", "c", false)));
-        assert_eq!(index.unadopted("ns"), 0);
-        assert_eq!(index.unadopted("other"), 0);
+        index.apply(&all, watcher::Event::Delete(pod_secret("ns", "c", current)));
+        assert!(!index.contains("ns", "c"));
+        assert_eq!(index.reusable("ns", NOW), 1);
+        assert_eq!(index.reusable("other", NOW), 0);
+        assert_eq!(index.reusable("ns", NOW + 300), 0, "the window ended");
     }
 
     #[test]
-    fn a_relist_of_one_namespace_keeps_the_other_namespaces_counts() {
+    fn a_secret_being_deleted_is_not_handed_out() {
+        let index = PodSecretIndex::default();
+        let all = WatchScope::Cluster;
+        index.apply(
+            &all,
+            watcher::Event::Apply(pod_secret("ns", "a", Some("2027-01-15T08:05:00Z"))),
+        );
+        let mut deleting = pod_secret("ns", "a", Some("2027-01-15T08:05:00Z"));
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(NOW).unwrap()));
+        index.apply(&all, watcher::Event::Apply(deleting));
+        assert!(!index.contains("ns", "a"));
+    }
+
+    #[test]
+    fn a_relist_of_one_namespace_keeps_the_other_namespaces_entries() {
         let index = PodSecretIndex::default();
         let a = WatchScope::Namespace("a".into());
         let b = WatchScope::Namespace("b".into());
-        index.apply(&a, watcher::Event::Apply(pod_secret("a", "x", false)));
-        index.apply(&b, watcher::Event::Apply(pod_secret("b", "y", false)));
+        index.apply(&a, watcher::Event::Apply(pod_secret("a", "x", None)));
+        index.apply(&b, watcher::Event::Apply(pod_secret("b", "y", None)));
         index.apply(&a, watcher::Event::<SecretMeta>::Init);
-        assert_eq!(
-            index.unadopted("a"),
-            0,
+        assert!(
+            !index.contains("a", "x"),
             "the relisting namespace starts over"
         );
-        assert_eq!(
-            index.unadopted("b"),
-            1,
+        assert!(
+            index.contains("b", "y"),
             "another namespace's watch is untouched"
         );
         index.apply(&WatchScope::Cluster, watcher::Event::<SecretMeta>::Init);
-        assert_eq!(index.unadopted("b"), 0, "a cluster-wide relist starts over");
+        assert!(
+            !index.contains("b", "y"),
+            "a cluster-wide relist starts over"
+        );
     }
 }

@@ -192,14 +192,16 @@ pub struct PolicyArgs {
         value_delimiter = ','
     )]
     pub secret_administrators: Vec<String>,
-    /// Most pod-scoped Secrets per namespace that may wait for their pod; beyond it sandbox
-    /// pods are refused until pods adopt theirs.
+    /// Most pod-scoped Secrets per namespace whose reuse window has not ended; beyond it a
+    /// sandbox needing a new one is refused until the window turns (sandboxes given an
+    /// existing one are not).
     #[arg(
         long,
-        env = "AGENTSECRETS_MAX_UNADOPTED_POD_SECRETS",
-        default_value_t = crate::webhook::DEFAULT_MAX_UNADOPTED_POD_SECRETS
+        alias = "max-unadopted-pod-secrets",
+        env = "AGENTSECRETS_MAX_POD_SECRETS_PER_WINDOW",
+        default_value_t = crate::webhook::DEFAULT_MAX_POD_SECRETS_PER_WINDOW
     )]
-    pub max_unadopted_pod_secrets: usize,
+    pub max_pod_secrets_per_window: usize,
     // Boxed, so that `inject`'s arguments stay small next to the other commands'.
     #[command(flatten)]
     pub secretless: Box<SecretlessArgs>,
@@ -306,7 +308,7 @@ impl PolicyArgs {
             owner_username_prefix,
             owner_group_prefix,
             secret_administrators,
-            max_unadopted_pod_secrets,
+            max_pod_secrets_per_window,
             secretless,
         } = self;
         Ok(Policy {
@@ -319,7 +321,8 @@ impl PolicyArgs {
                 administrators: principals("secret-administrators", secret_administrators)?,
                 operator,
             },
-            max_unadopted_pod_secrets: *max_unadopted_pod_secrets,
+            max_pod_secrets_per_window: *max_pod_secrets_per_window,
+            pod_secret_reuse_window: crate::webhook::DEFAULT_POD_SECRET_REUSE_WINDOW,
             secretless: secretless.policy(),
         })
     }

@@ -85,7 +85,10 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("agentsecrets-{}", std::process::id()));
     crate::telemetry::init_logging(log_format);
-    let policy = Arc::new(policy.policy(operator_username())?);
+    let policy = Arc::new(crate::webhook::Policy {
+        pod_secret_reuse_window,
+        ..policy.policy(operator_username())?
+    });
     if policy.allowed_principals.is_empty() {
         tracing::warn!(
             "no --allowed-principals: anyone who may create pods can label one for any owner in their namespace"

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::api::PROXY_CONTAINER_NAME;
 use crate::api::{AgentSecret, SealedValue};
-use crate::cache::{CachedSecret, SecretIndex};
+use crate::cache::{CachedSecret, PodSecretIndex, SecretIndex};
 use crate::crypto::Keyring;
 use crate::webhook::Policy;
 use crate::webhook::pod::secretless::feed_url;
@@ -132,7 +132,16 @@ pub fn preview(
     index.replace_all(secrets.iter().filter_map(CachedSecret::from_object));
     // The patch applies to the manifest as written, every field kept.
     let mut object = pod;
-    let summary = match pod::mutate(&request, Some(keyring), &index, policy) {
+    // As a cold admission: the pod-scoped Secret it would share does not exist yet.
+    let pod_secrets = PodSecretIndex::default();
+    let inputs = pod::Inputs {
+        keyring: Some(keyring),
+        index: &index,
+        pod_secrets: &pod_secrets,
+        policy,
+        now: crate::api::now_seconds(),
+    };
+    let summary = match pod::mutate(&request, inputs) {
         Decision::Allow => {
             "admitted unchanged: not a labelled pod, or its owner has no secrets here".to_owned()
         }
@@ -163,12 +172,13 @@ pub fn preview(
                     injection.secretless.join(", ")
                 ));
             }
-            if let Some(secret) = &injection.secret {
+            if let Some(pod::PodSecretUse::Create(secret)) = &injection.secret {
                 lines.push(format!(
-                    "admission would create Secret {}/{} holding: {}",
+                    "admission would create Secret {}/{} holding: {} (shared by this owner's sandboxes with the same secrets until {}; later ones write nothing)",
                     secret.namespace,
                     secret.name,
-                    secret.keys().collect::<Vec<_>>().join(", ")
+                    secret.keys().collect::<Vec<_>>().join(", "),
+                    pod::reuse_until_text(secret.reuse_until)
                 ));
             }
             lines.join("\n")

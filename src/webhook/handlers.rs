@@ -231,7 +231,8 @@ fn log_verdict<T>(
                 injected = %Joined(&injection.injected),
                 secretless = %Joined(&injection.secretless),
                 skipped = %Joined(&injection.skipped),
-                secret = injection.secret.as_ref().map_or("", |s| s.name.as_str()),
+                secret = injection.secret.as_ref().map_or("", |s| s.name()),
+                secret_created = matches!(injection.secret, Some(pod::PodSecretUse::Create(_))),
                 dry_run = request.dry_run,
                 "injected secrets into sandbox pod"
             );
@@ -283,13 +284,20 @@ impl Reviewed for PodView {
 
     async fn decide(state: &AppState, request: &Request<Self>) -> Verdict {
         let keyring = state.keyring.current();
-        let injection = match pod::mutate(request, keyring.as_deref(), &state.index, &state.policy)
-        {
+        let inputs = pod::Inputs {
+            keyring: keyring.as_deref(),
+            index: &state.index,
+            pod_secrets: &state.pod_secrets,
+            policy: &state.policy,
+            now: crate::api::now_seconds(),
+        };
+        let injection = match pod::mutate(request, inputs) {
             pod::Decision::Allow => return Verdict::Allow,
             pod::Decision::Deny(message) => return Verdict::deny(message),
             pod::Decision::Inject(injection) => injection,
         };
-        if let Some(secret) = injection.secret.as_ref().filter(|_| !request.dry_run)
+        if let Some(pod::PodSecretUse::Create(secret)) =
+            injection.secret.as_ref().filter(|_| !request.dry_run)
             && let Err(message) = create_pod_secret(state, secret).await
         {
             return Verdict::Deny {
@@ -300,13 +308,21 @@ impl Reviewed for PodView {
         if !request.dry_run {
             let injected = injection.injected.len() as u64;
             state.metrics.injected_secrets.inc_by(injected);
+            if let Some(pod::PodSecretUse::Reuse { .. }) = injection.secret {
+                let labels = ResultLabels { result: "reused" };
+                state
+                    .metrics
+                    .pod_secrets_created
+                    .get_or_create(&labels)
+                    .inc();
+            }
         }
         Verdict::Inject(injection)
     }
 }
 
-/// Create the pod-scoped Secret, unless the namespace has too many waiting for their pods;
-/// the error is the message for the pod's creator.
+/// Create the pod-scoped Secret, unless the namespace already has too many in their reuse
+/// window; the error is the message for the pod's creator.
 async fn create_pod_secret(state: &AppState, secret: &pod::PodSecret) -> Result<(), String> {
     let count = |result| {
         let labels = ResultLabels { result };
@@ -317,14 +333,17 @@ async fn create_pod_secret(state: &AppState, secret: &pod::PodSecret) -> Result<
             .inc();
     };
     // Forged reviews must not make the operator fill a namespace with Secrets: past the
-    // bound, sandboxes wait until their pods adopt what exists.
-    let waiting = state.pod_secrets.unadopted(&secret.namespace);
-    let limit = state.policy.max_unadopted_pod_secrets;
-    if waiting >= limit && !state.pod_secrets.contains(&secret.namespace, &secret.name) {
+    // bound, only sandboxes given an existing Secret start until the window turns.
+    let reusable = state
+        .pod_secrets
+        .reusable(&secret.namespace, crate::api::now_seconds());
+    let limit = state.policy.max_pod_secrets_per_window;
+    if reusable >= limit {
         count("limited");
         return Err(format!(
-            "namespace {:?} already has {waiting} pod-scoped Secrets whose pods have not appeared (at most {limit} may wait); retry shortly",
-            secret.namespace
+            "namespace {:?} already has {reusable} pod-scoped Secrets in their reuse window (at most {limit}); retry after {}",
+            secret.namespace,
+            pod::reuse_until_text(secret.reuse_until)
         ));
     }
     match state.writer.create(secret.to_secret()).await {
@@ -333,7 +352,9 @@ async fn create_pod_secret(state: &AppState, secret: &pod::PodSecret) -> Result<
                 Created::New => "created",
                 Created::Existing => "reused",
             });
-            state.pod_secrets.created(&secret.namespace, &secret.name);
+            state
+                .pod_secrets
+                .created(&secret.namespace, &secret.name, secret.reuse_until);
             Ok(())
         }
         Err(error) => {

@@ -31,15 +31,21 @@ pub struct Policy {
     pub excluded_namespaces: BTreeSet<String>,
     /// Who may write an owner's AgentSecrets.
     pub owner_binding: OwnerBinding,
-    /// Most pod-scoped Secrets not yet adopted by their pod per namespace; beyond it pods are
-    /// refused, which bounds what forged admission traffic can make the operator create.
-    pub max_unadopted_pod_secrets: usize,
+    /// Most pod-scoped Secrets per namespace whose reuse window has not ended; beyond it new
+    /// content is refused (sandboxes given an existing Secret are not), which bounds what
+    /// forged admission traffic can make the operator create.
+    pub max_pod_secrets_per_window: usize,
+    /// How long new sandboxes of one owner share a pod-scoped Secret of the same content.
+    pub pod_secret_reuse_window: std::time::Duration,
     /// Which pods are secretless, and what their proxy sidecar is made of.
     pub secretless: pod::SecretlessPolicy,
 }
 
-/// The default of `--max-unadopted-pod-secrets`.
-pub const DEFAULT_MAX_UNADOPTED_POD_SECRETS: usize = 100;
+/// The default of `--max-pod-secrets-per-window`.
+pub const DEFAULT_MAX_POD_SECRETS_PER_WINDOW: usize = 1000;
+/// The default of `--pod-secret-reuse-window`.
+pub const DEFAULT_POD_SECRET_REUSE_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(300);
 
 impl Default for Policy {
     fn default() -> Self {
@@ -48,7 +54,8 @@ impl Default for Policy {
             extra_reserved_env_names: Vec::new(),
             excluded_namespaces: BTreeSet::new(),
             owner_binding: OwnerBinding::default(),
-            max_unadopted_pod_secrets: DEFAULT_MAX_UNADOPTED_POD_SECRETS,
+            max_pod_secrets_per_window: DEFAULT_MAX_POD_SECRETS_PER_WINDOW,
+            pod_secret_reuse_window: DEFAULT_POD_SECRET_REUSE_WINDOW,
             secretless: pod::SecretlessPolicy::default(),
         }
     }

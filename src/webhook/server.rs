@@ -28,7 +28,7 @@ use crate::telemetry::Metrics;
 
 pub use super::limits::{Limits, MAX_BODY_BYTES};
 pub use super::tls::watch_tls_files;
-pub use super::writer::{Created, KubeSecretWriter, SecretWriter, WriteError};
+pub use super::writer::{Created, KubeSecretWriter, SecretWriter, WriteError, same_pod_secret};
 
 /// How long graceful shutdown waits for in-flight reviews. The API server's webhook timeout
 /// is at most 30 s, and the chart sets 10 s.

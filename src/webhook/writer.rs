@@ -3,7 +3,7 @@
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::api::{FIELD_MANAGER, REQUEST_UID_ANNOTATION};
+use crate::api::{FIELD_MANAGER, OWNER_LABEL, POD_SCOPED_LABEL, REUSE_UNTIL_ANNOTATION};
 
 /// Why a pod-scoped Secret could not be created. The message is shown to the pod's creator,
 /// so it never holds values.
@@ -13,8 +13,9 @@ pub enum WriteError {
     /// the reason, never its data.
     #[error("the API server refused: {0}")]
     Refused(String),
-    /// A Secret of that name exists but was not made for this admission.
-    #[error("a Secret of that name exists and was not made for this admission")]
+    /// A Secret of that name exists but is not the pod-scoped Secret of this owner and
+    /// window, or is being deleted.
+    #[error("a Secret of that name exists and is not this sandbox's, or is being deleted")]
     NameTaken,
     #[error("failed to reach the API server: {0}")]
     Unreachable(#[source] kube::Error),
@@ -25,13 +26,14 @@ pub enum WriteError {
 pub enum Created {
     /// Created now.
     New,
-    /// An earlier invocation of the same admission (same request uid) created it.
+    /// It existed: another admission of the same owner, content and window (on this or
+    /// another replica) created it.
     Existing,
 }
 
 /// Creates pod-scoped Secrets: the API server in production, a recorder in tests.
 pub trait SecretWriter: Send + Sync + 'static {
-    /// Create `secret`, or find the one an earlier invocation of the same admission made.
+    /// Create `secret`, or find the same one made by another admission.
     fn create(&self, secret: Secret) -> BoxFuture<'_, Result<Created, WriteError>>;
 }
 
@@ -41,11 +43,28 @@ pub struct KubeSecretWriter {
     pub client: kube::Client,
 }
 
-fn request_uid(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
-    meta.annotations
-        .as_ref()?
-        .get(REQUEST_UID_ANNOTATION)
-        .map(String::as_str)
+/// Whether `existing` is the Secret `wanted` describes. Its name is a hash of its namespace,
+/// owner, window and content, and only the operator may write Secrets of such names, so the
+/// same labels and window mean the same values.
+pub fn same_pod_secret(
+    existing: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    wanted: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> bool {
+    let label = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str| {
+        meta.labels.as_ref().and_then(|l| l.get(key)).cloned()
+    };
+    let until = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(REUSE_UNTIL_ANNOTATION))
+            .cloned()
+    };
+    existing.deletion_timestamp.is_none()
+        && label(existing, POD_SCOPED_LABEL).as_deref() == Some("true")
+        && label(existing, OWNER_LABEL).is_some()
+        && label(existing, OWNER_LABEL) == label(wanted, OWNER_LABEL)
+        && until(existing).is_some()
+        && until(existing) == until(wanted)
 }
 
 impl SecretWriter for KubeSecretWriter {
@@ -59,17 +78,18 @@ impl SecretWriter for KubeSecretWriter {
             };
             match api.create(&params, &secret).await {
                 Ok(_) => Ok(Created::New),
-                // A reinvoked admission names the same Secret: reuse it if it was made for
-                // this request (only the operator may create Secrets of that name).
+                // Another admission of the same owner and content (here or on another
+                // replica, whose watch had not told this one yet) made it first.
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     let name = secret.metadata.name.as_deref().unwrap_or_default();
                     let existing = api
                         .get_metadata_opt(name)
                         .await
                         .map_err(WriteError::Unreachable)?;
-                    let made_for = existing.as_ref().and_then(|m| request_uid(&m.metadata));
-                    match (made_for, request_uid(&secret.metadata)) {
-                        (Some(made_for), Some(uid)) if made_for == uid => Ok(Created::Existing),
+                    match existing {
+                        Some(existing) if same_pod_secret(&existing.metadata, &secret.metadata) => {
+                            Ok(Created::Existing)
+                        }
                         _ => Err(WriteError::NameTaken),
                     }
                 }
@@ -77,5 +97,45 @@ impl SecretWriter for KubeSecretWriter {
                 Err(error) => Err(WriteError::Unreachable(error)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn meta(owner: &str, until: &str) -> ObjectMeta {
+        ObjectMeta {
+            labels: Some(
+                [
+                    (POD_SCOPED_LABEL.to_owned(), "true".to_owned()),
+                    (OWNER_LABEL.to_owned(), owner.to_owned()),
+                ]
+                .into(),
+            ),
+            annotations: Some([(REUSE_UNTIL_ANNOTATION.to_owned(), until.to_owned())].into()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn an_existing_secret_is_the_same_only_with_the_same_owner_and_window() {
+        let wanted = meta("alice", "2027-01-15T08:05:00Z");
+        assert!(same_pod_secret(&wanted, &wanted));
+        assert!(!same_pod_secret(
+            &meta("bob", "2027-01-15T08:05:00Z"),
+            &wanted
+        ));
+        assert!(!same_pod_secret(
+            &meta("alice", "2027-01-15T08:00:00Z"),
+            &wanted
+        ));
+        assert!(!same_pod_secret(&ObjectMeta::default(), &wanted));
+        let mut deleting = wanted.clone();
+        deleting.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert!(!same_pod_secret(&deleting, &wanted));
     }
 }

@@ -6,7 +6,9 @@ use agent_secrets::cache::{CachedSecret, PodSecretIndex, SecretIndex};
 use agent_secrets::crypto::{Keyring, KeyringHandle};
 use agent_secrets::telemetry::Metrics;
 use agent_secrets::webhook::Policy;
-use agent_secrets::webhook::server::{self, AppState, Created, Limits, SecretWriter, WriteError};
+use agent_secrets::webhook::server::{
+    self, AppState, Created, Limits, SecretWriter, WriteError, same_pod_secret,
+};
 use axum_server::tls_rustls::RustlsConfig;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -67,19 +69,12 @@ impl SecretWriter for RecordingWriter {
             }
             let mut created = self.created.lock().unwrap();
             // As the API server: a second create of a name answers 409, and the writer then
-            // finds the Secret the same admission made.
+            // checks the Secret found is the same one.
             if let Some(existing) = created
                 .iter()
                 .find(|s| s.metadata.name == secret.metadata.name)
             {
-                let uid = |s: &Secret| {
-                    s.metadata
-                        .annotations
-                        .as_ref()?
-                        .get(agent_secrets::api::REQUEST_UID_ANNOTATION)
-                        .cloned()
-                };
-                return if uid(existing) == uid(&secret) {
+                return if same_pod_secret(&existing.metadata, &secret.metadata) {
                     Ok(Created::Existing)
                 } else {
                     Err(WriteError::NameTaken)

@@ -1,15 +1,17 @@
 //! Pod CREATE: give a sandbox pod its owner's secrets as `secretKeyRef` env entries pointing at
 //! a pod-scoped Secret, never as plaintext in the pod spec.
 //!
-//! [`mutate`] authorises the request and picks the secrets ([`select`]), opens them, and writes
-//! the patch ([`references`]); the Secret to create is a [`PodSecret`].
+//! [`mutate`] authorises the request and picks the secrets ([`select`]), names the Secret that
+//! holds them ([`pod_secret_name`]: one per owner, content and reuse window, shared by that
+//! owner's sandboxes), opens them only when that Secret does not exist yet, and writes the
+//! patch ([`references`]); the Secret to create is a [`PodSecret`].
 
 mod references;
 mod secret;
 pub mod secretless;
 mod select;
 
-pub use secret::{PodSecret, pod_secret_name};
+pub use secret::{PodSecret, PodSecretUse, Window, pod_secret_name, reuse_until_text};
 pub use secretless::{FeedCa, NamespaceSet, SecretlessPolicy, Unscoped};
 
 use std::collections::BTreeMap;
@@ -18,7 +20,7 @@ use crate::api::{
     INIT_CONTAINERS_ANNOTATION, INJECTED_ANNOTATION, SECRET_NAME_ANNOTATION, SECRETLESS_ANNOTATION,
     SECRETS_ANNOTATION, SKIPPED_ANNOTATION,
 };
-use crate::cache::SecretIndex;
+use crate::cache::{PodSecretIndex, SecretIndex};
 use crate::crypto::{Keyring, Plaintext};
 
 use super::patch::{PatchWriter, write_annotations};
@@ -43,8 +45,9 @@ pub enum Decision {
 pub struct Injection {
     /// The JSON patch (RFC 6902), serialised.
     pub patch: Vec<u8>,
-    /// The Secret to create first; `None` when every secret was already set by the pod spec.
-    pub secret: Option<PodSecret>,
+    /// The pod-scoped Secret the pod refers to, and whether it must be created first; `None`
+    /// when it refers to none (every secret set by the pod spec, or secretless only).
+    pub secret: Option<PodSecretUse>,
     pub owner: String,
     /// Env names injected into at least one container, sorted.
     pub injected: Vec<String>,
@@ -63,27 +66,38 @@ pub fn pod_hint(pod: &PodView) -> &str {
         .unwrap_or("<unnamed>")
 }
 
+/// What a pod admission is decided against.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    /// `None` while no keyring is loaded: only sandboxes whose Secret exists can start.
+    pub keyring: Option<&'a Keyring>,
+    pub index: &'a SecretIndex,
+    pub pod_secrets: &'a PodSecretIndex,
+    pub policy: &'a Policy,
+    /// Unix seconds.
+    pub now: i64,
+}
+
 /// Decide what to do with a pod admission request.
-pub fn mutate(
-    request: &Request<PodView>,
-    keyring: Option<&Keyring>,
-    index: &SecretIndex,
-    policy: &Policy,
-) -> Decision {
-    match decide(request, keyring, index, policy) {
+pub fn mutate(request: &Request<PodView>, inputs: Inputs<'_>) -> Decision {
+    match decide(request, inputs) {
         Ok(decision) => decision,
         Err(message) => Decision::Deny(message),
     }
 }
 
-fn decide(
-    request: &Request<PodView>,
-    keyring: Option<&Keyring>,
-    index: &SecretIndex,
-    policy: &Policy,
-) -> Result<Decision, String> {
-    let secret_name = pod_secret_name(&request.uid);
-    let Some(sandbox) = select::authorise(request, policy, &secret_name)? else {
+const NO_KEYRING: &str =
+    "agent-secrets has no keyring loaded, so the sandbox's secrets cannot be opened";
+
+fn decide(request: &Request<PodView>, inputs: Inputs<'_>) -> Result<Decision, String> {
+    let Inputs {
+        keyring,
+        index,
+        pod_secrets,
+        policy,
+        now,
+    } = inputs;
+    let Some(sandbox) = select::authorise(request, policy)? else {
         return Ok(Decision::Allow);
     };
     let pod = sandbox.pod;
@@ -142,28 +156,44 @@ fn decide(
             "the proxy sidecar of an earlier injection holds placeholders for other secrets than the owner has now; recreate the pod".into(),
         );
     }
+    let (secret_name, window) = match choose_name(&sandbox, &env_secrets, pod_secrets, policy, now)
+    {
+        Ok(chosen) => chosen.unzip(),
+        // A secret with no readable sealed value: opening it says why the pod is refused.
+        Err(Unnamed) => {
+            select::open_all(keyring.ok_or(NO_KEYRING)?, sandbox.namespace, &env_secrets)?;
+            return Err("the sandbox's secrets cannot be opened".into());
+        }
+    };
+    select::check_claims(pod, secret_name.as_deref())?;
     if placeholder_secrets.is_empty() && env_secrets.is_empty() {
         return Ok(Decision::Allow);
     }
-    let Some(keyring) = keyring else {
-        return Err(
-            "agent-secrets has no keyring loaded, so the sandbox's secrets cannot be opened".into(),
-        );
+    // A warm owner's Secret exists: its values were opened when it was made, and nothing is
+    // opened or written now.
+    let existing = secret_name
+        .as_deref()
+        .is_some_and(|name| pod_secrets.contains(sandbox.namespace, name));
+    let opened = if existing || env_secrets.is_empty() {
+        Vec::new()
+    } else {
+        select::open_all(keyring.ok_or(NO_KEYRING)?, sandbox.namespace, &env_secrets)?
     };
-    let opened = select::open_all(keyring, sandbox.namespace, &env_secrets)?;
-    // A placeholder secret must open too: a sandbox never starts with a partial set, and the
-    // feed would not deliver a value that does not open.
-    drop(select::open_all(
-        keyring,
-        sandbox.namespace,
-        &placeholder_secrets,
-    )?);
+    if !placeholder_secrets.is_empty() {
+        // A placeholder secret must open too: a sandbox never starts with a partial set, and
+        // the feed would not deliver a value that does not open.
+        drop(select::open_all(
+            keyring.ok_or(NO_KEYRING)?,
+            sandbox.namespace,
+            &placeholder_secrets,
+        )?);
+    }
 
     // Sorted by env name (the map's order), so patches and annotations are deterministic.
-    let names: Vec<&str> = opened.iter().map(|(name, _)| name.as_str()).collect();
-    // A reinvoked admission has the same uid and so names the same Secret; a reference to it
-    // under a key not injected now (the owner label changed in between, or a secret was
-    // deleted) would keep a value this pod must not have.
+    let names: Vec<&str> = env_secrets.keys().map(String::as_str).collect();
+    let secret_name = secret_name.unwrap_or_default();
+    // A reinvoked admission names the same Secret; a reference to it under a key not injected
+    // now would keep a value this pod must not have.
     if let Some(stale) = stale_reference(pod, &secret_name, &names) {
         return Err(format!(
             "env {stale} refers to the pod-scoped Secret of an earlier injection, for a secret owner {} does not have now; recreate the pod",
@@ -216,13 +246,13 @@ fn decide(
             secretless::write_sidecar(&mut writer, pod, sidecar, &placeholders);
         }
     }
-    let values: BTreeMap<String, Plaintext> = opened
-        .into_iter()
+    let mut injected: Vec<String> = names
+        .iter()
         .zip(&written.received)
         .filter(|(_, received)| **received)
-        .map(|(opened, _)| opened)
+        .map(|(name, _)| (*name).to_owned())
         .collect();
-    let mut injected: Vec<String> = values.keys().cloned().collect();
+    let refers = !injected.is_empty();
     injected.extend(placed.received.iter().cloned());
     injected.sort();
     let mut skipped = written.skipped;
@@ -237,19 +267,25 @@ fn decide(
     if !placeholders.is_empty() {
         entries.push((SECRETLESS_ANNOTATION, secretless.join(",")));
     }
-    let secret = if values.is_empty() {
-        None
-    } else {
-        entries.push((SECRET_NAME_ANNOTATION, secret_name.clone()));
-        Some(PodSecret {
-            name: secret_name,
+    let secret = match (refers, window) {
+        (false, _) | (true, None) => None,
+        (true, Some(_)) if existing => Some(PodSecretUse::Reuse {
+            name: secret_name.clone(),
+            namespace: sandbox.namespace.to_owned(),
+        }),
+        // The whole content the name stands for, also a value this pod's spec set itself:
+        // the Secret is shared by the owner's sandboxes, which may differ in that.
+        (true, Some(window)) => Some(PodSecretUse::Create(PodSecret {
+            name: secret_name.clone(),
             namespace: sandbox.namespace.to_owned(),
             owner: sandbox.owner.to_owned(),
-            pod: pod_hint(pod).to_owned(),
-            request_uid: request.uid.clone(),
-            values,
-        })
+            reuse_until: window.end(),
+            values: opened.into_iter().collect::<BTreeMap<String, Plaintext>>(),
+        })),
     };
+    if secret.is_some() {
+        entries.push((SECRET_NAME_ANNOTATION, secret_name));
+    }
     write_annotations(&mut writer, annotations, &entries);
     Ok(Decision::Inject(Box::new(Injection {
         patch: writer.finish(),
@@ -259,4 +295,39 @@ fn decide(
         skipped,
         secretless,
     })))
+}
+
+/// A selected secret holds no readable sealed value, so no Secret can be named for the set.
+struct Unnamed;
+
+/// The pod-scoped Secret for `secrets` (`None` when there are none) and its reuse window: the
+/// current window's, or, for a reinvoked admission that was given the previous window's
+/// Secret of the same content just before the window turned, that one.
+fn choose_name(
+    sandbox: &select::Sandbox<'_>,
+    secrets: &BTreeMap<String, std::sync::Arc<crate::cache::CachedSecret>>,
+    pod_secrets: &PodSecretIndex,
+    policy: &Policy,
+    now: i64,
+) -> Result<Option<(String, Window)>, Unnamed> {
+    if secrets.is_empty() {
+        return Ok(None);
+    }
+    let (namespace, owner) = (sandbox.namespace, sandbox.owner);
+    let window = Window::at(now, policy.pod_secret_reuse_window);
+    let current = pod_secret_name(namespace, owner, window, secrets).ok_or(Unnamed)?;
+    let claimed = sandbox
+        .pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SECRET_NAME_ANNOTATION));
+    if let Some(claimed) = claimed
+        && *claimed != current
+        && pod_secrets.contains(namespace, claimed)
+        && pod_secret_name(namespace, owner, window.previous(), secrets).as_ref() == Some(claimed)
+    {
+        return Ok(Some((claimed.clone(), window.previous())));
+    }
+    Ok(Some((current, window)))
 }

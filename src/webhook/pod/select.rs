@@ -20,11 +20,11 @@ pub(super) struct Sandbox<'a> {
 }
 
 /// Whether `request` is a sandbox pod CREATE we inject (`Ok(None)`: admit unchanged), or why
-/// it is refused. `secret_name` is the pod-scoped Secret this request would use.
+/// it is refused. A pod that is not ours may refer to no pod-scoped Secret at all; a sandbox's
+/// references are checked by [`check_claims`] once its Secret's name is known.
 pub(super) fn authorise<'a>(
     request: &'a Request<PodView>,
     policy: &Policy,
-    secret_name: &str,
 ) -> Result<Option<Sandbox<'a>>, String> {
     // Only CREATE is ours: an UPDATE or DELETE of a pod is never refused.
     if request.operation != Operation::Create || request.sub_resource.is_some() {
@@ -33,18 +33,18 @@ pub(super) fn authorise<'a>(
     let Some(pod) = request.object.as_ref() else {
         return Err("pod CREATE review carries no object".into());
     };
-    // Second line behind the ValidatingAdmissionPolicy: a pod-scoped Secret is usable only by
-    // the pod it was made for, so a pod may name none but the one of this very admission.
-    check_pod_secret_references(pod, secret_name)?;
-    let annotations = pod.metadata.annotations.as_ref();
-    if let Some(claimed) = annotations.and_then(|a| a.get(SECRET_NAME_ANNOTATION))
-        && claimed != secret_name
-    {
-        return Err(format!(
-            "annotation {SECRET_NAME_ANNOTATION} is set by agent-secrets only; remove it (it names {})",
-            quoted(claimed)
-        ));
+    let sandbox = sandbox(request, pod, policy);
+    if let Ok(None) = sandbox {
+        check_claims(pod, None)?;
     }
+    sandbox
+}
+
+fn sandbox<'a>(
+    request: &'a Request<PodView>,
+    pod: &'a PodView,
+    policy: &Policy,
+) -> Result<Option<Sandbox<'a>>, String> {
     let Some(owner) = pod
         .metadata
         .labels
@@ -85,20 +85,29 @@ pub(super) fn authorise<'a>(
     }))
 }
 
-/// Refuse a reference to a pod-scoped Secret other than `own`: one of another pod would hand
-/// this pod someone else's values.
-fn check_pod_secret_references(pod: &PodView, own: &str) -> Result<(), String> {
-    let Some(spec) = pod.spec.as_ref() else {
-        return Ok(());
-    };
-    for (place, name) in spec.secret_references() {
-        if name.starts_with(POD_SECRET_NAME_PREFIX) && name != own {
-            return Err(format!(
-                "{} refers to the pod-scoped Secret {}, which belongs to another sandbox pod; Secrets named {POD_SECRET_NAME_PREFIX}* are created and referenced by agent-secrets only",
-                quoted(&place),
-                quoted(name)
-            ));
+/// Second line behind the ValidatingAdmissionPolicy: a pod may refer to no pod-scoped Secret
+/// but `own`, the one this admission gives it (another one could hand it someone else's
+/// values), and only agent-secrets names it in [`SECRET_NAME_ANNOTATION`].
+pub(super) fn check_claims(pod: &PodView, own: Option<&str>) -> Result<(), String> {
+    if let Some(spec) = pod.spec.as_ref() {
+        for (place, name) in spec.secret_references() {
+            if name.starts_with(POD_SECRET_NAME_PREFIX) && Some(name) != own {
+                return Err(format!(
+                    "{} refers to the pod-scoped Secret {}, which this pod is not given; Secrets named {POD_SECRET_NAME_PREFIX}* are created and referenced by agent-secrets only",
+                    quoted(&place),
+                    quoted(name)
+                ));
+            }
         }
+    }
+    let annotations = pod.metadata.annotations.as_ref();
+    if let Some(claimed) = annotations.and_then(|a| a.get(SECRET_NAME_ANNOTATION))
+        && Some(claimed.as_str()) != own
+    {
+        return Err(format!(
+            "annotation {SECRET_NAME_ANNOTATION} is set by agent-secrets only; remove it (it names {})",
+            quoted(claimed)
+        ));
     }
     Ok(())
 }
@@ -220,18 +229,10 @@ mod tests {
     fn unlabelled_pods_and_other_operations_are_not_ours() {
         let policy = Policy::default();
         let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}});
-        assert!(
-            authorise(&request(pod, "dev"), &policy, "asec-pod-own")
-                .unwrap()
-                .is_none()
-        );
+        assert!(authorise(&request(pod, "dev"), &policy).unwrap().is_none());
         let mut update = request(labelled(json!({})), "dev");
         update.operation = Operation::Update;
-        assert!(
-            authorise(&update, &policy, "asec-pod-own")
-                .unwrap()
-                .is_none()
-        );
+        assert!(authorise(&update, &policy).unwrap().is_none());
     }
 
     #[test]
@@ -244,12 +245,24 @@ mod tests {
             json!({"containers": [{"name": "c"}], "volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "asec-pod-bobs"}}]}}]}),
         ] {
             let pod = json!({"metadata": {"name": "p"}, "spec": spec});
-            let error = authorise(&request(pod, "mallory"), &policy, "asec-pod-own").unwrap_err();
+            let error = authorise(&request(pod.clone(), "mallory"), &policy).unwrap_err();
+            assert!(error.contains("asec-pod-bobs"), "{error}");
+            let labelled = request(labelled(json!({"spec": pod["spec"].clone()})), "dev");
+            let pod = labelled.object.as_ref().unwrap();
+            let error = check_claims(pod, Some("asec-pod-own")).unwrap_err();
             assert!(error.contains("asec-pod-bobs"), "{error}");
         }
-        let own = labelled(json!({"spec": {"containers": [{"name": "c", "env": [
-            {"name": "X", "valueFrom": {"secretKeyRef": {"name": "asec-pod-own", "key": "X"}}}]}]}}));
-        assert!(authorise(&request(own, "dev"), &policy, "asec-pod-own").is_ok());
+        let own = request(
+            labelled(json!({"spec": {"containers": [{"name": "c", "env": [
+            {"name": "X", "valueFrom": {"secretKeyRef": {"name": "asec-pod-own", "key": "X"}}}]}]}})),
+            "dev",
+        );
+        let pod = own.object.as_ref().unwrap();
+        assert!(check_claims(pod, Some("asec-pod-own")).is_ok());
+        assert!(
+            check_claims(pod, None).is_err(),
+            "a pod given no Secret refers to none"
+        );
     }
 
     #[test]
@@ -258,8 +271,14 @@ mod tests {
             json!({"metadata": {"name": "p", "labels": {OWNER_LABEL: "alice"},
             "annotations": {SECRET_NAME_ANNOTATION: "asec-pod-bobs"}}}),
         );
-        let error =
-            authorise(&request(pod, "dev"), &Policy::default(), "asec-pod-own").unwrap_err();
+        let request = request(pod, "dev");
+        let pod = request.object.as_ref().unwrap();
+        let error = check_claims(pod, Some("asec-pod-own")).unwrap_err();
+        assert!(error.contains("set by agent-secrets only"), "{error}");
+        assert!(check_claims(pod, Some("asec-pod-bobs")).is_ok());
+        let unlabelled = json!({"metadata": {"name": "p",
+            "annotations": {SECRET_NAME_ANNOTATION: "asec-pod-bobs"}}});
+        let error = authorise(&self::request(unlabelled, "dev"), &Policy::default()).unwrap_err();
         assert!(error.contains("set by agent-secrets only"), "{error}");
     }
 
@@ -269,18 +288,13 @@ mod tests {
             allowed_principals: vec![Principal::User("orchestrator".into())],
             ..Policy::default()
         };
-        let error = authorise(
-            &request(labelled(json!({})), "dev"),
-            &policy,
-            "asec-pod-own",
-        )
-        .unwrap_err();
+        let error = authorise(&request(labelled(json!({})), "dev"), &policy).unwrap_err();
         assert!(
             error.contains("may only be created by orchestrator"),
             "{error}"
         );
         let orchestrator = request(labelled(json!({})), "orchestrator");
-        let allowed = authorise(&orchestrator, &policy, "asec-pod-own");
+        let allowed = authorise(&orchestrator, &policy);
         assert_eq!(allowed.unwrap().unwrap().owner, "alice");
     }
 
@@ -291,12 +305,7 @@ mod tests {
             ..Policy::default()
         };
         let long = "m".repeat(5000);
-        let error = authorise(
-            &request(labelled(json!({})), &long),
-            &policy,
-            "asec-pod-own",
-        )
-        .unwrap_err();
+        let error = authorise(&request(labelled(json!({})), &long), &policy).unwrap_err();
         assert!(error.len() < 300, "{error}");
     }
 }
