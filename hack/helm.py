@@ -187,7 +187,7 @@ SCENARIOS = [
         {"ownerBinding": {"usernamePrefix": "oidc:", "groupPrefix": "tenant:",
                           "administrators": ["system:serviceaccount:platform:secrets-api",
                                              "group:platform-admins", "carol@example.com"]},
-         "maxUnadoptedPodSecrets": 250},
+         "maxPodSecretsPerWindow": 250},
         expect_kinds={"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"},
     ),
     Scenario(
@@ -243,7 +243,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("a webhook timeout over 30 s", {"webhook": {"timeoutSeconds": 60}}),
     ("a plain-http webhook URL", {"webhook": {"url": "http://example.com"}}),
     ("an unknown nested key", {"certManager": {"enable": True}}),
-    ("a duration without a unit", {"podSecretGrace": "300"}),
+    ("a duration without a unit", {"podSecretReuseWindow": "300"}),
     ("a string where a boolean belongs", {"serviceMonitor": {"enabled": "yes"}}),
     # Administrators and prefixes are rendered into CEL string literals and comma-separated flags.
     ("an administrator containing a double quote", {"ownerBinding": {"administrators": ['alice" || true || "']}}),
@@ -256,7 +256,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("a group prefix containing a backslash", {"ownerBinding": {"groupPrefix": "owner\\"}}),
     ("an empty group prefix", {"ownerBinding": {"groupPrefix": ""}}),
     ("an unknown ownerBinding key", {"ownerBinding": {"admins": ["alice"]}}),
-    ("no unadopted pod-scoped Secret allowed at all", {"maxUnadoptedPodSecrets": 0}),
+    ("no pod-scoped Secret allowed at all", {"maxPodSecretsPerWindow": 0}),
     ("an invalid sandbox namespace", {"sandboxNamespaces": ["Sandboxes"]}),
     ("a client CA that is not a PEM certificate", {"webhook": {"clientCA": "not a certificate"}}),
     ("a namespace template without {user}", {"ui": {"namespaceTemplate": "users"}}),
@@ -492,7 +492,7 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
         "tls-cert": "/etc/agentsecrets/tls/tls.crt",
         "tls-key": "/etc/agentsecrets/tls/tls.key",
         "keyring": "/etc/agentsecrets/keyring/keyring.yaml",
-        "pod-secret-grace": values["podSecretGrace"],
+        "pod-secret-reuse-window": values["podSecretReuseWindow"],
         "rotation-rate": str(values["rotationRate"]),
         "lease-name": values["leaderElection"]["leaseName"],
         "lease-namespace": NAMESPACE,
@@ -508,7 +508,7 @@ def check_deployment(values: dict[str, Any], by_kind: dict[str, list[dict[str, A
     want["owner-group-prefix"] = owner_binding["groupPrefix"]
     if owner_binding["administrators"]:
         want["secret-administrators"] = ",".join(owner_binding["administrators"])
-    want["max-unadopted-pod-secrets"] = str(values["maxUnadoptedPodSecrets"])
+    want["max-pod-secrets-per-window"] = str(values["maxPodSecretsPerWindow"])
     if values["sandboxNamespaces"]:
         want["sandbox-namespaces"] = ",".join(values["sandboxNamespaces"])
     if values["webhook"]["clientCA"]:
