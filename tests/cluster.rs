@@ -33,9 +33,8 @@
 //!
 //! The controller tests that run the controller do so in this process as the operator does,
 //! over the whole cluster: they first check that no AgentSecret or pod-scoped Secret exists
-//! outside test namespaces, and fail otherwise. A pod-scoped Secret is deleted with its pod by
-//! the garbage collector, so that test needs a kube-controller-manager (kind, minikube and
-//! real clusters have one; a bare kube-apiserver does not).
+//! outside test namespaces, and fail otherwise. The controller deletes pod-scoped Secrets
+//! itself (they are never owned by a pod), so those tests need no garbage collector.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "cluster/controller.rs"]

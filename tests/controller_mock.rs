@@ -9,10 +9,12 @@ use agent_secrets::testing::{
     ApiServerHandle, Expect, context, context_with, expect, test_settings, verify, verify_within,
 };
 use http::Method;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use serde_json::json;
+use kube::runtime::{reflector, watcher};
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -336,125 +338,343 @@ async fn a_transient_api_error_fails_the_reconcile_for_a_retry() {
 // ---------------------------------------------------------------------------------------
 // Pod-scoped Secrets
 
-fn pod_secret(age: Duration) -> Secret {
-    let created = k8s_openapi::jiff::Timestamp::now()
-        - k8s_openapi::jiff::SignedDuration::try_from(age).unwrap();
+const POD_SECRET: &str = "asec-pod-abc";
+const SECRET_PATH: &str = "/api/v1/namespaces/ns/secrets/asec-pod-abc?";
+
+/// The reuse-until annotation of a window ending `seconds` from now (negative: ended that
+/// long ago), in whole seconds as the webhook writes it.
+fn reuse_until(seconds: i64) -> String {
+    Timestamp::from_second(Timestamp::now().as_second() + seconds)
+        .unwrap()
+        .to_string()
+}
+
+/// A shared pod-scoped Secret of alice in `namespace` (metadata only, as the controller
+/// watches it), created a while ago and reused until `until`.
+fn pod_secret_in(namespace: &str, until: &str) -> PartialObjectMeta<Secret> {
     serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
         "metadata": {
-            "name": "sandbox-asec-abc", "namespace": "ns", "uid": "s-uid", "resourceVersion": "7",
+            "name": POD_SECRET, "namespace": namespace, "uid": "s-uid", "resourceVersion": "7",
             "labels": {"agentsecrets.io/owner": "alice", "agentsecrets.io/pod-scoped": "true",
                        "app.kubernetes.io/managed-by": "agent-secrets"},
-            "creationTimestamp": Time(created),
+            "annotations": {"agentsecrets.io/reuse-until": until},
+            "creationTimestamp": reuse_until(-3600),
         },
-        "immutable": true,
     }))
     .unwrap()
 }
 
-/// An event on the pod-scoped Secret, checked further by `check`.
-fn pod_secret_event(reason: &'static str, check: fn(&serde_json::Value)) -> Expect {
+fn pod_secret(until: &str) -> PartialObjectMeta<Secret> {
+    pod_secret_in("ns", until)
+}
+
+/// A sandbox pod of `owner` in `namespace` naming the Secret `secret`, as the metadata watch
+/// delivers it (managed fields and other annotations included).
+fn sandbox_pod(namespace: &str, name: &str, owner: &str, secret: &str, terminating: bool) -> Value {
+    let mut pod = json!({
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        "metadata": {
+            "name": name, "namespace": namespace, "uid": format!("{name}-uid"),
+            "resourceVersion": "5",
+            "labels": {"agentsecrets.io/owner": owner, "app": "agent-sandbox"},
+            "annotations": {"agentsecrets.io/secret-name": secret,
+                            "agentsecrets.io/injected": "TOKEN"},
+            "managedFields": [{"manager": "orchestrator", "operation": "Update",
+                               "apiVersion": "v1", "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:metadata": {}}}]
+        }
+    });
+    if terminating {
+        pod["metadata"]["deletionTimestamp"] = json!(reuse_until(-5));
+    }
+    pod
+}
+
+/// A pod store that has listed `pods`, as the controller's pod watch fills it.
+fn pod_store(pods: &[Value]) -> podsecret::PodStore {
+    let (store, mut writer) = reflector::store::<PartialObjectMeta<Pod>>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for pod in pods {
+        let mut pod: PartialObjectMeta<Pod> = serde_json::from_value(pod.clone()).unwrap();
+        podsecret::strip_pod_for_store(&mut pod);
+        writer.apply_watcher_event(&watcher::Event::InitApply(pod));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    store
+}
+
+/// How long `action` requeues after (kube-runtime keeps it private but prints it).
+fn requeue_after(action: &Action) -> Option<Duration> {
+    let text = format!("{action:?}");
+    let seconds = text
+        .split("requeue_after: Some(")
+        .nth(1)?
+        .split("s)")
+        .next()?;
+    Some(Duration::from_secs_f64(seconds.parse().ok()?))
+}
+
+/// A `Collected` event on the pod-scoped Secret in `namespace`, whose window ended at `until`.
+fn collected_event(namespace: &'static str, until: String) -> Expect {
     expect(
         Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/ns/events?",
+        &format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events?"),
         json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": "2026-01-01T00:00:00.000000Z"}),
         move |body| {
-            assert_eq!(body["reason"], reason);
+            assert_eq!(body["reason"], "Collected");
             assert_eq!(body["type"], "Normal");
+            assert_eq!(body["action"], "Delete");
             assert_eq!(
-                (&body["regarding"]["kind"], &body["regarding"]["name"]),
-                (&json!("Secret"), &json!("sandbox-asec-abc"))
+                body["regarding"],
+                json!({"apiVersion": "v1", "kind": "Secret", "namespace": namespace,
+                       "name": POD_SECRET, "uid": "s-uid"})
             );
-            assert_eq!(body["regarding"]["uid"], "s-uid");
-            check(body);
+            assert_eq!(
+                body["note"],
+                format!(
+                    "deleted: no sandbox pod names this pod-scoped Secret and its reuse window ended at {until}"
+                )
+            );
+            assert!(body.get("related").is_none(), "{body}");
         },
     )
 }
 
-const PODS_PATH: &str = "/api/v1/namespaces/ns/pods?&labelSelector=agentsecrets.io%2Fowner%3Dalice";
-const SECRET_PATH: &str = "/api/v1/namespaces/ns/secrets/sandbox-asec-abc?";
+/// The precondition-guarded deletion of the pod-scoped Secret in `namespace`.
+fn secret_deletion(namespace: &str) -> Expect {
+    expect(
+        Method::DELETE,
+        &format!("/api/v1/namespaces/{namespace}/secrets/{POD_SECRET}?"),
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        |body| {
+            assert_eq!(
+                body["preconditions"],
+                json!({"uid": "s-uid", "resourceVersion": "7"})
+            );
+        },
+    )
+}
 
 #[tokio::test]
-async fn a_secret_whose_pod_exists_is_adopted_by_it() {
+async fn a_secret_named_by_a_live_pod_is_kept_without_any_write() {
     let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [{
-        "metadata": {"name": "sandbox-alice-x7", "namespace": "ns", "uid": "pod-uid-1",
-                     "labels": {"agentsecrets.io/owner": "alice"},
-                     "annotations": {"agentsecrets.io/secret-name": "sandbox-asec-abc"}}
-    }]});
-    let secret = pod_secret(Duration::from_secs(2));
-    let reply = serde_json::to_value(&secret).unwrap();
-    let expected = vec![
-        expect(Method::GET, PODS_PATH, pods, |_| {}),
-        expect(Method::PATCH, SECRET_PATH, reply, |body| {
-            assert_eq!(
-                body["metadata"]["ownerReferences"],
-                json!([{"apiVersion": "v1", "kind": "Pod", "name": "sandbox-alice-x7", "uid": "pod-uid-1"}])
-            );
-        }),
-        pod_secret_event("Adopted", |body| {
-            assert_eq!(
-                body["related"],
-                json!({"apiVersion": "v1", "kind": "Pod", "namespace": "ns",
-                       "name": "sandbox-alice-x7", "uid": "pod-uid-1"})
-            );
-            assert_eq!(
-                body["note"],
-                "owned by its sandbox pod \"sandbox-alice-x7\" now: deleted with it by garbage collection"
-            );
-        }),
-    ];
-    let verifier = tokio::spawn(verify(handle, expected));
-    let action = podsecret::reconcile(Arc::new(secret), ctx).await.unwrap();
+    // Its window and the in-flight margin long past: only the pod keeps it.
+    let secret = pod_secret(&reuse_until(-3000));
+    let pods = pod_store(&[
+        sandbox_pod("ns", "sandbox-1", "alice", "asec-pod-other", false),
+        sandbox_pod("ns", "sandbox-2", "alice", POD_SECRET, false),
+    ]);
+    let verifier = tokio::spawn(verify(handle, vec![]));
+    let action = podsecret::reconcile(Arc::new(secret), ctx.clone(), &pods)
+        .await
+        .unwrap();
+    // The verifier asserts that no request at all was made: no deletion, no patch.
+    verifier.await.unwrap();
+    assert_eq!(action, Action::requeue(podsecret::KEPT_RECHECK));
+}
+
+#[tokio::test]
+async fn an_unnamed_secret_past_its_window_and_the_in_flight_margin_is_deleted_with_preconditions()
+{
+    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
+    let until = reuse_until(-31);
+    let secret = pod_secret(&until);
+    // Pods that do not keep it: terminating, naming another Secret, of another owner.
+    let pods = pod_store(&[
+        sandbox_pod("ns", "sandbox-1", "alice", POD_SECRET, true),
+        sandbox_pod("ns", "sandbox-2", "alice", "asec-pod-other", false),
+        sandbox_pod("ns", "sandbox-3", "mallory", POD_SECRET, false),
+    ]);
+    let verifier = tokio::spawn(verify(
+        handle,
+        vec![secret_deletion("ns"), collected_event("ns", until)],
+    ));
+    let action = podsecret::reconcile(Arc::new(secret), ctx.clone(), &pods)
+        .await
+        .unwrap();
     verifier.await.unwrap();
     assert_eq!(action, Action::await_change());
 }
 
 #[tokio::test]
-async fn an_orphan_past_its_grace_period_is_deleted() {
+async fn a_secret_deleted_meanwhile_is_not_reported_collected() {
     let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    let empty = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []});
-    let secret = pod_secret(Duration::from_secs(301));
-    let reply = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
-    let expected = vec![
-        expect(Method::GET, PODS_PATH, empty, |_| {}),
-        expect(Method::DELETE, SECRET_PATH, reply, |body| {
-            assert_eq!(
-                body["preconditions"],
-                json!({"uid": "s-uid", "resourceVersion": "7"})
-            );
-        }),
-        pod_secret_event("Collected", |body| {
-            assert_eq!(
-                body["note"],
-                "deleted: no sandbox pod claimed this pod-scoped Secret within 300s of its creation"
-            );
-            assert!(body.get("related").is_none(), "{body}");
-        }),
-    ];
-    let verifier = tokio::spawn(verify(handle, expected));
-    podsecret::reconcile(Arc::new(secret), ctx).await.unwrap();
+    let gone = expect(
+        Method::DELETE,
+        SECRET_PATH,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        |_| {},
+    )
+    .with_status(404);
+    let verifier = tokio::spawn(verify(handle, vec![gone]));
+    let action = podsecret::reconcile(
+        Arc::new(pod_secret(&reuse_until(-600))),
+        ctx.clone(),
+        &pod_store(&[]),
+    )
+    .await
+    .unwrap();
+    // The verifier asserts that no event followed.
     verifier.await.unwrap();
+    assert_eq!(action, Action::await_change());
 }
 
 #[tokio::test]
-async fn a_young_orphan_is_looked_at_again_when_its_grace_ends() {
+async fn a_secret_in_its_window_is_looked_at_again_when_the_in_flight_margin_ends() {
     let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    let empty = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []});
-    let verifier = tokio::spawn(verify(
-        handle,
-        vec![expect(Method::GET, PODS_PATH, empty, |_| {})],
-    ));
-    let action = podsecret::reconcile(Arc::new(pod_secret(Duration::from_secs(60))), ctx)
-        .await
-        .unwrap();
+    let verifier = tokio::spawn(verify(handle, vec![]));
+    let action = podsecret::reconcile(
+        Arc::new(pod_secret(&reuse_until(60))),
+        ctx.clone(),
+        &pod_store(&[]),
+    )
+    .await
+    .unwrap();
     verifier.await.unwrap();
-    // Requeued for when the grace period ends (exact timing is unit-tested in podsecret).
-    assert_ne!(action, Action::await_change());
+    // The window ends in 60 s (less the part of this second gone), the margin 30 s later.
+    let after = requeue_after(&action).unwrap_or_else(|| panic!("not requeued: {action:?}"));
     assert!(
-        format!("{action:?}").contains("requeue_after: Some("),
-        "{action:?}"
+        after > Duration::from_secs(88) && after <= Duration::from_secs(90),
+        "{after:?}"
     );
+    // Not yet deletable a second into the margin either.
+    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
+    let verifier = tokio::spawn(verify(handle, vec![]));
+    let action = podsecret::reconcile(
+        Arc::new(pod_secret(&reuse_until(-1))),
+        ctx.clone(),
+        &pod_store(&[]),
+    )
+    .await
+    .unwrap();
+    verifier.await.unwrap();
+    let after = requeue_after(&action).unwrap_or_else(|| panic!("not requeued: {action:?}"));
+    assert!(after <= Duration::from_secs(29), "{after:?}");
+}
+
+type Responder = tower_test::mock::SendResponse<http::Response<kube::client::Body>>;
+
+fn respond(send: Responder, body: Vec<u8>) {
+    send.send_response(
+        http::Response::builder()
+            .body(kube::client::Body::from(body))
+            .unwrap(),
+    );
+}
+
+fn list_of(items: Vec<Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List",
+        "metadata": {"resourceVersion": "10"}, "items": items}))
+    .unwrap()
+}
+
+async fn next_request(
+    handle: &mut ApiServerHandle,
+) -> (http::Request<kube::client::Body>, Responder) {
+    tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("a request")
+        .expect("the client is alive")
+}
+
+fn is_watch(request: &http::Request<kube::client::Body>) -> bool {
+    request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .contains("watch=true")
+}
+
+#[tokio::test]
+async fn deleting_the_last_pod_naming_a_secret_past_its_window_gets_it_collected_at_once() {
+    use agent_secrets::cache::WatchScope;
+    const PODS: &str = "/api/v1/namespaces/team-a/pods";
+    const SECRETS: &str = "/api/v1/namespaces/team-a/secrets";
+    let (ctx, mut handle) = context_with(
+        Keyring::generate("k1").unwrap(),
+        Settings {
+            sandbox_scopes: vec![WatchScope::Namespace("team-a".into())],
+            ..test_settings()
+        },
+    );
+    let running = tokio::spawn(agent_secrets::controller::run_controllers(
+        ctx,
+        std::future::pending(),
+    ));
+    let until = reuse_until(-600);
+    let pod = sandbox_pod("team-a", "sandbox-1", "alice", POD_SECRET, false);
+    let mut open_watches = Vec::new();
+
+    // The pods are listed first; the Secrets only once the pod watch has started (so the
+    // pods' list is in the store when the Secret is first looked at).
+    let (mut secrets_list, mut pod_watch) = (None, None);
+    while secrets_list.is_none() || pod_watch.is_none() {
+        let (request, send) = next_request(&mut handle).await;
+        match (request.uri().path(), is_watch(&request)) {
+            (PODS, false) => respond(send, list_of(vec![pod.clone()])),
+            (PODS, true) => pod_watch = Some(send),
+            (SECRETS, false) => secrets_list = Some(send),
+            (_, true) => open_watches.push(send),
+            // The AgentSecrets: none.
+            (_, false) => respond(send, list_of(vec![])),
+        }
+    }
+    let secret = serde_json::to_value(pod_secret_in("team-a", &until)).unwrap();
+    respond(secrets_list.unwrap(), list_of(vec![secret]));
+
+    // Long past its window, but a live pod names it: nothing is written.
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(request) = tokio::time::timeout_at(quiet, handle.next_request()).await {
+        let (request, send) = request.expect("the client is alive");
+        assert!(
+            is_watch(&request),
+            "unexpected {} {} while a pod names the Secret",
+            request.method(),
+            request.uri()
+        );
+        open_watches.push(send);
+    }
+
+    // The pod is deleted: its Secret is deleted at once, not at a periodic look.
+    let mut deleted = pod.clone();
+    deleted["metadata"]["resourceVersion"] = json!("11");
+    let event = serde_json::to_vec(&json!({"type": "DELETED", "object": deleted})).unwrap();
+    respond(pod_watch.unwrap(), event);
+    let deleted_at = tokio::time::Instant::now();
+    let mut expected =
+        vec![secret_deletion("team-a"), collected_event("team-a", until)].into_iter();
+    let mut current = expected.next();
+    while let Some(expect) = current.take() {
+        let (request, send) = next_request(&mut handle).await;
+        if is_watch(&request) {
+            open_watches.push(send);
+            current = Some(expect);
+            continue;
+        }
+        assert_eq!(
+            (
+                request.method(),
+                request.uri().path_and_query().unwrap().as_str()
+            ),
+            (&expect.method, expect.path_and_query.as_str())
+        );
+        let body = http_body_util::BodyExt::collect(request.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (expect.check)(&serde_json::from_slice(&body).unwrap());
+        respond(send, serde_json::to_vec(&expect.reply).unwrap());
+        current = expected.next();
+    }
+    assert!(
+        deleted_at.elapsed() < podsecret::POD_STORE_UNSYNCED_RETRY,
+        "prompted by the pod's deletion, not by a later look: {:?}",
+        deleted_at.elapsed()
+    );
+    running.abort();
+    let _ = running.await;
+    drop(open_watches);
 }
 
 // ---------------------------------------------------------------------------------------

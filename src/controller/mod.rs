@@ -1,6 +1,6 @@
 //! The controller: keeps every AgentSecret's status true, re-wraps data keys to the primary
-//! KEK, and makes pod-scoped Secrets live no longer than their sandbox. Runs only on the
-//! replica holding the leader Lease.
+//! KEK, and deletes pod-scoped Secrets once no sandbox uses them or may be handed them. Runs
+//! only on the replica holding the leader Lease.
 
 pub mod agentsecret;
 pub mod lease;
@@ -341,27 +341,41 @@ async fn pod_secret_controller(ctx: Arc<Context>, scope: &WatchScope, shutdown: 
         .default_backoff(),
     )
     .applied_objects();
-    let pods = watcher(
-        scope.api::<PartialObjectMeta<Pod>>(ctx.client.clone()),
-        watcher::Config::default().labels(OWNER_LABEL),
+    // Which sandbox pods name which Secret, from the same metadata-only watch that prompts
+    // the reconciles, reduced to what the collector reads before it is stored.
+    let (pod_store, pod_writer) = reflector::store::<PartialObjectMeta<Pod>>();
+    let pods = reflector(
+        pod_writer,
+        watcher(
+            scope.api::<PartialObjectMeta<Pod>>(ctx.client.clone()),
+            watcher::Config::default().labels(OWNER_LABEL),
+        )
+        .default_backoff()
+        .modify(podsecret::strip_pod_for_store),
     )
-    .default_backoff()
     .touched_objects();
     Controller::for_stream(secrets, reader)
         .with_config(ctx.controller_config())
-        // A sandbox pod is stored after the webhook created its Secret: adopt it when it
-        // appears.
+        // A pod's deletion (or its deletion starting) may leave the Secret it names unused:
+        // look at it then rather than at the next periodic check.
         .watches_stream(pods, |pod| podsecret::secret_of_pod(&pod))
         .graceful_shutdown_on(shutdown)
         .run(
-            |secret, ctx: Arc<Context>| async move {
-                let key = object_key(secret.as_ref());
-                let result =
-                    timed(&ctx.metrics, "Secret", podsecret::reconcile(secret, ctx.clone())).await;
-                if result.is_ok() {
-                    ctx.succeeded(&key);
+            move |secret, ctx: Arc<Context>| {
+                let pod_store = pod_store.clone();
+                async move {
+                    let key = object_key(secret.as_ref());
+                    let result = timed(
+                        &ctx.metrics,
+                        "Secret",
+                        podsecret::reconcile(secret, ctx.clone(), &pod_store),
+                    )
+                    .await;
+                    if result.is_ok() {
+                        ctx.succeeded(&key);
+                    }
+                    result
                 }
-                result
             },
             |secret: Arc<PartialObjectMeta<Secret>>, error: &Error, ctx: Arc<Context>| {
                 let key = object_key(secret.as_ref());

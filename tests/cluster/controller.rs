@@ -1,5 +1,5 @@
-//! The controller against a real API server: key rotation at scale, pod-scoped Secrets living
-//! no longer than their sandbox, leader election, and the CRD refusing plaintext whoever
+//! The controller against a real API server: key rotation at scale, pod-scoped Secrets deleted
+//! once their window has passed and no sandbox names them, leader election, and the CRD refusing plaintext whoever
 //! writes it. None of them needs the webhook. Run with the rest of `tests/cluster.rs`.
 
 use super::{
@@ -7,7 +7,10 @@ use super::{
     ensure_default_service_account, eventually, install_crd, sandbox_pod, spawn_agentsecret_watch,
     unique, with_sealed, with_value,
 };
-use agent_secrets::api::{AgentSecret, FIELD_MANAGER as CONTROLLER_FIELD_MANAGER, SealedValue};
+use agent_secrets::api::{
+    AgentSecret, FIELD_MANAGER as CONTROLLER_FIELD_MANAGER, POD_SECRET_IN_FLIGHT,
+    REUSE_UNTIL_ANNOTATION, SealedValue,
+};
 use agent_secrets::cache::SecretIndex;
 use agent_secrets::controller::lease::{Elector, LeaseError};
 use agent_secrets::controller::{self, Context, Settings};
@@ -18,7 +21,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Client, ResourceExt as _};
@@ -109,8 +112,14 @@ fn start_controller(
     ctx
 }
 
-/// A pod-scoped Secret as the webhook creates it, for `owner`'s pod `pod`.
-fn pod_scoped_secret(name: &str, owner: &str, pod: &str, value: &str) -> Secret {
+/// A shared pod-scoped Secret as the webhook creates it for `owner`, handed to new pods until
+/// `reuse_until` (no annotation when `None`, as an older version created them).
+fn pod_scoped_secret(
+    name: &str,
+    owner: &str,
+    reuse_until: Option<Timestamp>,
+    value: &str,
+) -> Secret {
     let mut secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {
@@ -119,18 +128,35 @@ fn pod_scoped_secret(name: &str, owner: &str, pod: &str, value: &str) -> Secret 
                 "app.kubernetes.io/managed-by": "agent-secrets",
                 "agentsecrets.io/pod-scoped": "true",
                 "agentsecrets.io/owner": owner
-            },
-            "annotations": {"agentsecrets.io/pod": pod}
+            }
         },
         "immutable": true,
         "type": "Opaque"
     }))
     .unwrap();
+    if let Some(until) = reuse_until {
+        secret
+            .annotations_mut()
+            .insert(REUSE_UNTIL_ANNOTATION.to_owned(), reuse_until_text(until));
+    }
     secret.data = Some(BTreeMap::from([(
         "X_BEARER_TOKEN".to_owned(),
         ByteString(value.as_bytes().to_vec()),
     )]));
     secret
+}
+
+/// The reuse-until annotation's text for `until`: RFC 3339 UTC in whole seconds, as the webhook
+/// writes it.
+fn reuse_until_text(until: Timestamp) -> String {
+    Timestamp::from_second(until.as_second())
+        .unwrap()
+        .to_string()
+}
+
+/// `seconds` from now (in the past when negative), in whole seconds.
+fn seconds_from_now(seconds: i64) -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second() + seconds).unwrap()
 }
 
 /// A sandbox pod of `owner` (never scheduled) naming its pod-scoped Secret, as the webhook
@@ -170,37 +196,6 @@ async fn create_pod(api: &Api<Pod>, pod: &Pod) -> Pod {
     api.create(&PostParams::default(), pod)
         .await
         .unwrap_or_else(|e| panic!("failed to create pod {}: {e}", pod.name_any()))
-}
-
-/// Wait until `name` has an ownerReference to `pod` (by uid), and check its shape.
-async fn wait_for_adoption(api: &Api<Secret>, name: &str, pod: &Pod, timeout: Duration) {
-    let uid = pod.uid().unwrap();
-    let secret = eventually(
-        &format!("Secret {name} adopted by pod {}", pod.name_any()),
-        timeout,
-        || async {
-            match api.get_opt(name).await.map_err(|e| e.to_string())? {
-                Some(secret) if secret.owner_references().iter().any(|r| r.uid == uid) => {
-                    Ok(secret)
-                }
-                other => Err(describe_secret(other.as_ref())),
-            }
-        },
-    )
-    .await;
-    let references = secret.owner_references();
-    assert_eq!(references.len(), 1, "{}", describe_secret(Some(&secret)));
-    let reference = &references[0];
-    assert_eq!(
-        (
-            reference.api_version.as_str(),
-            reference.kind.as_str(),
-            reference.name.as_str()
-        ),
-        ("v1", "Pod", pod.name_any().as_str())
-    );
-    // Never blocks the pod's deletion (the operator is not granted pods/finalizers).
-    assert_ne!(reference.block_owner_deletion, Some(true));
 }
 
 async fn wait_until_gone(api: &Api<Secret>, name: &str, timeout: Duration) {
@@ -476,9 +471,46 @@ async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
 // ---------------------------------------------------------------------------------------
 // Pod-scoped Secrets
 
+/// `created` is still there with the same resourceVersion and ownerReferences: nothing was
+/// written to it.
+async fn assert_untouched(api: &Api<Secret>, created: &Secret) {
+    let now = api.get(&created.name_any()).await.unwrap();
+    assert_eq!(
+        (&now.metadata.resource_version, now.owner_references()),
+        (
+            &created.metadata.resource_version,
+            created.owner_references()
+        ),
+        "{} was written to: {}",
+        created.name_any(),
+        describe_secret(Some(&now))
+    );
+    assert!(now.metadata.deletion_timestamp.is_none());
+}
+
+/// The reasons of the events recorded on the object named `name`.
+async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+const DELETE_NOW: DeleteParams = DeleteParams {
+    dry_run: false,
+    grace_period_seconds: Some(0),
+    propagation_policy: Some(PropagationPolicy::Background),
+    preconditions: None,
+};
+
 #[tokio::test]
 #[ignore = "needs cluster"]
-async fn deleting_a_sandbox_pod_deletes_its_secret() {
+async fn a_shared_secret_outlives_its_window_until_the_last_pod_naming_it_is_deleted() {
     let client = client().await;
     install_crd(&client).await;
     assert_controller_may_run(&client).await;
@@ -488,53 +520,63 @@ async fn deleting_a_sandbox_pod_deletes_its_secret() {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
-    // In the webhook's order: the Secret is created during the pod's admission, so the
-    // controller first sees it without a pod. A long grace period: only the pod's deletion may
-    // remove it.
-    let secret_name = "sandbox-alice-asec-x1y2z";
-    let value = unique("cluster-canary-pod-scoped");
-    create_secret(
+    // Two sandboxes of alice were handed the same Secret; its window and the admissions in
+    // flight after it are long over.
+    let name = "asec-pod-shared-1";
+    let value = unique("cluster-canary-shared");
+    let created = create_secret(
         &secrets,
-        &pod_scoped_secret(secret_name, "alice", "sandbox-alice", &value),
+        &pod_scoped_secret(name, "alice", Some(seconds_from_now(-600)), &value),
     )
     .await;
+    for pod in ["sandbox-alice-1", "sandbox-alice-2"] {
+        create_pod(&pods, &sandbox_pod_naming(pod, "alice", name)).await;
+    }
     start_controller(
         &client,
         &guard,
-        KeyringHandle::new(Keyring::generate("pod-test").unwrap()),
+        KeyringHandle::new(Keyring::generate("shared-test").unwrap()),
         20,
-        Duration::from_secs(600),
+        Duration::from_secs(300),
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        secrets.get(secret_name).await.unwrap().owner_references(),
-        &[],
-        "no pod yet: nothing to adopt"
-    );
+    // Kept while pods name it, and never adopted nor otherwise written to.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_untouched(&secrets, &created).await;
 
-    let pod = create_pod(
-        &pods,
-        &sandbox_pod_naming("sandbox-alice", "alice", secret_name),
+    pods.delete("sandbox-alice-1", &DELETE_NOW).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_untouched(&secrets, &created).await;
+
+    // The last pod naming it goes: the Secret goes at once (not at a periodic look).
+    pods.delete("sandbox-alice-2", &DELETE_NOW).await.unwrap();
+    wait_until_gone(&secrets, name, Duration::from_secs(20)).await;
+    eventually(
+        "a Collected event on the Secret",
+        Duration::from_secs(10),
+        || async {
+            let reasons = event_reasons(&client, &ns, name).await;
+            if reasons == ["Collected"] {
+                Ok(())
+            } else {
+                Err(format!("event reasons: {reasons:?}"))
+            }
+        },
     )
     .await;
-    // Adopted when the pod appears, not when the grace period ends.
-    wait_for_adoption(&secrets, secret_name, &pod, Duration::from_secs(30)).await;
-
-    let params = DeleteParams {
-        grace_period_seconds: Some(0),
-        propagation_policy: Some(PropagationPolicy::Background),
-        ..DeleteParams::default()
-    };
-    pods.delete("sandbox-alice", &params).await.unwrap();
-    // The garbage collector deletes the Secret with its owner.
-    wait_until_gone(&secrets, secret_name, Duration::from_secs(60)).await;
-    assert!(pods.get_opt("sandbox-alice").await.unwrap().is_none());
+    let events = Api::<Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        !serde_json::to_string(&events).unwrap().contains(&value),
+        "a value in an event"
+    );
 }
 
 #[tokio::test]
 #[ignore = "needs cluster"]
-async fn a_pod_scoped_secret_without_its_pod_is_deleted_after_the_grace_period() {
-    const GRACE: Duration = Duration::from_secs(3);
+async fn pod_scoped_secrets_no_live_pod_names_are_deleted_once_their_window_and_margin_pass() {
+    const WINDOW: Duration = Duration::from_secs(3);
     let client = client().await;
     install_crd(&client).await;
     assert_controller_may_run(&client).await;
@@ -543,23 +585,38 @@ async fn a_pod_scoped_secret_without_its_pod_is_deleted_after_the_grace_period()
     ensure_default_service_account(&client, &ns).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let value = unique("cluster-canary-orphan");
+    let value = unique("cluster-canary-collect");
+    let past = Some(seconds_from_now(-60));
 
-    // A pod that never appeared; a pod that exists; a pod of another owner claiming alice's
-    // Secret (it must not adopt it); and a Secret of the user's own (not pod-scoped).
+    // Past their window and margin: one no pod names, one only a pod of another owner names
+    // (it must not keep it).
     create_secret(
         &secrets,
-        &pod_scoped_secret("orphan-asec-1", "alice", "sandbox-gone", &value),
+        &pod_scoped_secret("asec-pod-unnamed", "alice", past, &value),
     )
     .await;
     create_secret(
         &secrets,
-        &pod_scoped_secret("sandbox-alice-asec-2", "alice", "sandbox-alice", &value),
+        &pod_scoped_secret("asec-pod-claimed", "alice", past, &value),
     )
     .await;
+    // Past too, but named by a live pod of alice's: kept.
+    let kept = create_secret(
+        &secrets,
+        &pod_scoped_secret("asec-pod-kept", "alice", past, &value),
+    )
+    .await;
+    // Still handed to new pods for a few seconds: kept until its window and margin pass.
+    let in_window_until = seconds_from_now(5);
     create_secret(
         &secrets,
-        &pod_scoped_secret("claimed-asec-3", "alice", "sandbox-mallory", &value),
+        &pod_scoped_secret("asec-pod-in-window", "alice", Some(in_window_until), &value),
+    )
+    .await;
+    // Made by an older version: without the annotation the window runs from its creation.
+    let legacy = create_secret(
+        &secrets,
+        &pod_scoped_secret("asec-pod-legacy", "alice", None, &value),
     )
     .await;
     let mut own: Secret = serde_json::from_value(json!({
@@ -570,70 +627,104 @@ async fn a_pod_scoped_secret_without_its_pod_is_deleted_after_the_grace_period()
     own = create_secret(&secrets, &own).await;
     let alice_pod = create_pod(
         &pods,
-        &sandbox_pod_naming("sandbox-alice", "alice", "sandbox-alice-asec-2"),
+        &sandbox_pod_naming("sandbox-alice", "alice", "asec-pod-kept"),
     )
     .await;
     let mallory_pod = create_pod(
         &pods,
-        &sandbox_pod_naming("sandbox-mallory", "mallory", "claimed-asec-3"),
+        &sandbox_pod_naming("sandbox-mallory", "mallory", "asec-pod-claimed"),
     )
     .await;
+    // Made by an older version and owned by its pod (which names no Secret): left to the
+    // garbage collector.
+    let old_pod = create_pod(&pods, &sandbox_pod("sandbox-old", Some("alice"))).await;
+    let mut owned = pod_scoped_secret("asec-pod-owned", "alice", None, &value);
+    owned.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: old_pod.name_any(),
+        uid: old_pod.uid().unwrap(),
+        ..OwnerReference::default()
+    }]);
+    let owned = create_secret(&secrets, &owned).await;
 
     start_controller(
         &client,
         &guard,
-        KeyringHandle::new(Keyring::generate("orphan-test").unwrap()),
+        KeyringHandle::new(Keyring::generate("collect-test").unwrap()),
         20,
-        GRACE,
+        WINDOW,
     );
-    wait_for_adoption(
-        &secrets,
-        "sandbox-alice-asec-2",
-        &alice_pod,
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_until_gone(&secrets, "orphan-asec-1", Duration::from_secs(30)).await;
-    wait_until_gone(&secrets, "claimed-asec-3", Duration::from_secs(30)).await;
+    wait_until_gone(&secrets, "asec-pod-unnamed", Duration::from_secs(30)).await;
+    wait_until_gone(&secrets, "asec-pod-claimed", Duration::from_secs(30)).await;
 
-    // Well past the grace period, the adopted Secret and the user's own Secret remain, and
-    // the pods are untouched.
-    tokio::time::sleep(GRACE * 2).await;
-    let adopted = secrets.get("sandbox-alice-asec-2").await.unwrap();
+    // Its window ends in seconds, the in-flight margin 30 s later: it is there until then.
+    let in_window_deadline =
+        in_window_until + SignedDuration::try_from(POD_SECRET_IN_FLIGHT).unwrap();
+    let still_there = secrets
+        .get_opt("asec-pod-in-window")
+        .await
+        .unwrap()
+        .is_some();
+    if Timestamp::now() < in_window_deadline {
+        assert!(still_there, "deleted before {in_window_deadline}");
+    }
+    wait_until_gone(&secrets, "asec-pod-in-window", Duration::from_secs(60)).await;
     assert!(
-        adopted
-            .owner_references()
-            .iter()
-            .any(|r| Some(&r.uid) == alice_pod.uid().as_ref()),
-        "{}",
-        describe_secret(Some(&adopted))
+        Timestamp::now() >= in_window_deadline,
+        "deleted before {in_window_deadline}"
     );
-    assert!(adopted.metadata.deletion_timestamp.is_none());
+    let legacy_deadline = legacy.metadata.creation_timestamp.clone().unwrap().0
+        + SignedDuration::try_from(WINDOW + POD_SECRET_IN_FLIGHT).unwrap();
+    wait_until_gone(&secrets, "asec-pod-legacy", Duration::from_secs(60)).await;
+    assert!(
+        Timestamp::now() >= legacy_deadline,
+        "deleted before {legacy_deadline}"
+    );
+
+    // Well past their windows, the Secret a live pod names, the owned one, the user's own
+    // Secret and the pods are untouched.
+    assert_untouched(&secrets, &kept).await;
+    assert_untouched(&secrets, &owned).await;
     let own_now = secrets.get("alice-own").await.unwrap();
     assert_eq!(
         own_now.metadata.resource_version,
         own.metadata.resource_version
     );
-    for pod in [&alice_pod, &mallory_pod] {
+    for pod in [&alice_pod, &mallory_pod, &old_pod] {
         let now = pods.get(&pod.name_any()).await.unwrap();
         assert_eq!(now.uid(), pod.uid());
         assert!(now.metadata.deletion_timestamp.is_none());
     }
 
-    // The adoption and the collections are recorded on the Secrets, without their values.
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let all = events.list(&ListParams::default()).await.unwrap().items;
-    let on = |secret: &str| -> Vec<String> {
-        all.iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(secret))
-            .filter_map(|e| e.reason.clone())
-            .collect()
-    };
-    assert_eq!(on("sandbox-alice-asec-2"), ["Adopted"]);
-    assert_eq!(on("orphan-asec-1"), ["Collected"]);
-    assert_eq!(on("claimed-asec-3"), ["Collected"]);
-    let text = serde_json::to_string(&all).unwrap();
-    assert!(!text.contains(&value), "a value in an event");
+    // The collections are recorded on the Secrets, without their values.
+    for name in [
+        "asec-pod-unnamed",
+        "asec-pod-claimed",
+        "asec-pod-in-window",
+        "asec-pod-legacy",
+    ] {
+        assert_eq!(
+            event_reasons(&client, &ns, name).await,
+            ["Collected"],
+            "{name}"
+        );
+    }
+    for name in ["asec-pod-kept", "asec-pod-owned"] {
+        assert_eq!(
+            event_reasons(&client, &ns, name).await,
+            Vec::<String>::new(),
+            "{name}"
+        );
+    }
+    let events = Api::<Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        !serde_json::to_string(&events).unwrap().contains(&value),
+        "a value in an event"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
