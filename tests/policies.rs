@@ -973,7 +973,7 @@ fn operator_creating_a_pod_scoped_secret_is_allowed() {
 }
 
 #[test]
-fn operator_adopting_and_deleting_a_pod_scoped_secret_is_allowed() {
+fn operator_updating_and_deleting_a_pod_scoped_secret_is_allowed() {
     let name = pod_secret("x");
     let stored = secret(&name, true);
     let mut adopted = stored.clone();

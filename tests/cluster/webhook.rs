@@ -112,6 +112,9 @@ impl Webhook {
         // The tests write AgentSecrets of several owners as themselves: the webhook treats
         // the test's own identity as a secret administrator (owner binding has its own tests).
         let mut policy = Policy::default();
+        // One reuse window for a whole test: an owner's sandboxes share one Secret throughout
+        // (a 5-minute window could turn between two of its pods).
+        policy.pod_secret_reuse_window = std::time::Duration::from_secs(3600);
         policy.owner_binding.administrators = vec![agent_secrets::webhook::Principal::User(
             whoami(&client).await,
         )];
@@ -659,6 +662,19 @@ async fn sandbox_pods_get_only_their_owners_secrets_by_reference() {
     let bob_secret = assert_injected(&webhook, &ns, &bob_pod, "bob", &bob).await;
     assert_ne!(alice_secret, bob_secret);
 
+    // alice's next sandbox shares her Secret: its admission writes nothing.
+    let alice_again = pods
+        .create(
+            &PostParams::default(),
+            &sandbox_pod("sandbox-alice-again", Some("alice")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        assert_injected(&webhook, &ns, &alice_again, "alice", &alice).await,
+        alice_secret
+    );
+
     // An owner without secrets, and a pod without the label, are admitted unchanged.
     for (name, owner) in [("sandbox-carol", Some("carol")), ("plain", None)] {
         let pod = pods
@@ -687,7 +703,7 @@ async fn sandbox_pods_get_only_their_owners_secrets_by_reference() {
 
     // A server dry run gets the injection in its answer but creates no Secret.
     let before = secrets.list(&pod_scoped).await.unwrap().items.len();
-    assert_eq!(before, 2);
+    assert_eq!(before, 2, "one per owner");
     let dry = pods
         .create(
             &PostParams {
@@ -701,12 +717,31 @@ async fn sandbox_pods_get_only_their_owners_secrets_by_reference() {
     let dry_secret = pod_annotation(&dry, "agentsecrets.io/secret-name")
         .unwrap()
         .to_owned();
+    assert_eq!(dry_secret, alice_secret, "alice's shared Secret");
     assert!(
         env_refs(&dry)
             .iter()
             .any(|(_, s)| s.as_deref() == Some(dry_secret.as_str()))
     );
-    assert!(secrets.get_opt(&dry_secret).await.unwrap().is_none());
+    // A dry run needing a new Secret (other content) names it but creates nothing.
+    let mut dry_subset = sandbox_pod("sandbox-alice-dry-subset", Some("alice"));
+    dry_subset.metadata.annotations = Some(BTreeMap::from([(
+        "agentsecrets.io/secrets".to_owned(),
+        "X_BEARER_TOKEN".to_owned(),
+    )]));
+    let dry = pods
+        .create(
+            &PostParams {
+                dry_run: true,
+                field_manager: None,
+            },
+            &dry_subset,
+        )
+        .await
+        .unwrap();
+    let subset_secret = pod_annotation(&dry, "agentsecrets.io/secret-name").unwrap();
+    assert_ne!(subset_secret, alice_secret);
+    assert!(secrets.get_opt(subset_secret).await.unwrap().is_none());
     assert_eq!(secrets.list(&pod_scoped).await.unwrap().items.len(), before);
     assert!(
         pods.get_opt("sandbox-alice-dry-run")

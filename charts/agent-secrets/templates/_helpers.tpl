@@ -263,19 +263,18 @@ RBAC rules on Secrets and Pods: cluster-wide in the ClusterRole, or, with sandbo
 a ClusterRole bound in each sandbox namespace only.
 */}}
 {{- define "agent-secrets.sandboxRules" -}}
-# Secrets: the webhook creates one immutable pod-scoped Secret per sandbox pod (create), and
-# when a reinvoked admission finds that name taken, reads its metadata to see whether it was
-# made for the same request (get); the webhook and the controller watch their metadata through
-# a label selector (list, watch); the controller adds the pod as their owner once it exists
-# (patch) and deletes those whose pod never appeared (delete). RBAC cannot restrict by label or
-# name prefix, so this covers every Secret in scope (confine it with sandboxNamespaces). No
-# update: the Secrets are immutable and only their metadata is patched.
+# Secrets: the webhook creates one immutable pod-scoped Secret per owner, set of secrets and
+# reuse window (create), and when that name is taken, reads its metadata to see whether it is
+# the same one (get); the webhook and the controller watch their metadata through a label
+# selector (list, watch); the controller deletes those no pod names once their window has
+# ended (delete). RBAC cannot restrict by label or name prefix, so this covers every Secret in
+# scope (confine it with sandboxNamespaces). No update or patch: the Secrets are immutable.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods: the controller watches sandbox pods (label agentsecrets.io/owner) and lists an owner's
-# pods to adopt and collect their pod-scoped Secrets (list, watch). Read-only: a pod is changed
-# only by the admission response.
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Pods: the controller watches sandbox pods' metadata (label agentsecrets.io/owner) to know
+# which pod-scoped Secrets a live pod names (list, watch). Read-only: a pod is changed only by
+# the admission response.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
