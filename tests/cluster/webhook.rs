@@ -111,10 +111,12 @@ impl Webhook {
         let port = listener.local_addr().unwrap().port();
         // The tests write AgentSecrets of several owners as themselves: the webhook treats
         // the test's own identity as a secret administrator (owner binding has its own tests).
-        let mut policy = Policy::default();
-        // One reuse window for a whole test: an owner's sandboxes share one Secret throughout
-        // (a 5-minute window could turn between two of its pods).
-        policy.pod_secret_reuse_window = std::time::Duration::from_secs(3600);
+        let mut policy = Policy {
+            // One reuse window for a whole test: an owner's sandboxes share one Secret
+            // throughout (a 5-minute window could turn between two of its pods).
+            pod_secret_reuse_window: std::time::Duration::from_secs(3600),
+            ..Policy::default()
+        };
         policy.owner_binding.administrators = vec![agent_secrets::webhook::Principal::User(
             whoami(&client).await,
         )];
