@@ -331,3 +331,195 @@ fn choose_name(
     }
     Ok(Some((current, window)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CachedSecret;
+    use crate::testing::{agent_secret, keyring};
+    use serde_json::{Value, json};
+
+    const NAMESPACE: &str = "sandboxes";
+    /// The end of a 5-minute window.
+    const WINDOW_END: i64 = 1_800_000_300;
+
+    /// `object` reviewed as the recorded named pod's CREATE (`Null`: the recorded pod).
+    fn request(object: Value) -> Request<PodView> {
+        let mut recorded: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/admission/pod_create_named.json"
+        ))
+        .unwrap();
+        let mut request = recorded["review"]["request"].take();
+        if !object.is_null() {
+            request["object"] = object;
+        }
+        serde_json::from_value(request).unwrap()
+    }
+
+    fn recorded_pod() -> Value {
+        let recorded: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/admission/pod_create_named.json"
+        ))
+        .unwrap();
+        recorded["review"]["request"]["object"].clone()
+    }
+
+    struct World {
+        keyring: Keyring,
+        index: SecretIndex,
+        pod_secrets: PodSecretIndex,
+        policy: Policy,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let keyring = keyring("k1");
+            let index = SecretIndex::default();
+            index.replace_all(
+                [("a", "A_TOKEN", "value-a"), ("b", "B_TOKEN", "value-b")]
+                    .into_iter()
+                    .filter_map(|(name, env, value)| {
+                        CachedSecret::from_object(&agent_secret(
+                            NAMESPACE, name, "alice", env, &keyring, value,
+                        ))
+                    }),
+            );
+            Self {
+                keyring,
+                index,
+                pod_secrets: PodSecretIndex::default(),
+                policy: Policy::default(),
+            }
+        }
+
+        fn admit(&self, object: Value, now: i64) -> Decision {
+            mutate(
+                &request(object),
+                Inputs {
+                    keyring: Some(&self.keyring),
+                    index: &self.index,
+                    pod_secrets: &self.pod_secrets,
+                    policy: &self.policy,
+                    now,
+                },
+            )
+        }
+    }
+
+    fn injected(decision: Decision) -> Box<Injection> {
+        match decision {
+            Decision::Inject(injection) => injection,
+            other => panic!("expected an injection, got {other:?}"),
+        }
+    }
+
+    fn patched(object: &Value, injection: &Injection) -> Value {
+        let patch: json_patch::Patch = serde_json::from_slice(&injection.patch).unwrap();
+        let mut object = object.clone();
+        json_patch::patch(&mut object, &patch).unwrap();
+        object
+    }
+
+    #[test]
+    fn a_reinvocation_across_a_window_boundary_keeps_the_secret_it_was_given() {
+        let world = World::new();
+        let first = injected(world.admit(Value::Null, WINDOW_END - 1));
+        let Some(PodSecretUse::Create(secret)) = &first.secret else {
+            panic!("the first sandbox of the window creates its Secret");
+        };
+        assert_eq!(secret.reuse_until, WINDOW_END);
+        world
+            .pod_secrets
+            .created(NAMESPACE, &secret.name, secret.reuse_until);
+        let once = patched(&recorded_pod(), &first);
+
+        // The API server calls again, with the patched pod, after the window turned.
+        let again = injected(world.admit(once.clone(), WINDOW_END + 1));
+        assert!(
+            matches!(&again.secret, Some(PodSecretUse::Reuse { name, .. }) if *name == secret.name),
+            "{:?}",
+            again.secret
+        );
+        assert_eq!(patched(&once, &again), once, "nothing added twice");
+
+        // A new sandbox of the new window gets the new window's Secret.
+        let fresh = injected(world.admit(Value::Null, WINDOW_END + 1));
+        let Some(PodSecretUse::Create(new)) = &fresh.secret else {
+            panic!("a new window's first sandbox creates its Secret");
+        };
+        assert_ne!(new.name, secret.name);
+        assert_eq!(new.reuse_until, WINDOW_END + 300);
+    }
+
+    #[test]
+    fn an_earlier_windows_name_is_refused_unless_it_is_the_previous_one_and_exists() {
+        let world = World::new();
+        let first = injected(world.admit(Value::Null, WINDOW_END - 1));
+        let name = first.secret.as_ref().unwrap().name().to_owned();
+        let once = patched(&recorded_pod(), &first);
+        // Not known to exist (deleted, or never created): refused, not handed out.
+        let Decision::Deny(message) = world.admit(once.clone(), WINDOW_END + 1) else {
+            panic!("refused");
+        };
+        assert!(message.contains(&name), "{message}");
+        // Known, but two windows old: refused too.
+        world.pod_secrets.created(NAMESPACE, &name, WINDOW_END);
+        assert!(matches!(
+            world.admit(once.clone(), WINDOW_END + 301),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            world.admit(once, WINDOW_END + 1),
+            Decision::Inject(_)
+        ));
+    }
+
+    #[test]
+    fn another_owners_pod_claiming_the_secret_is_refused() {
+        let world = World::new();
+        let first = injected(world.admit(Value::Null, WINDOW_END - 1));
+        let name = first.secret.as_ref().unwrap().name().to_owned();
+        world.pod_secrets.created(NAMESPACE, &name, WINDOW_END);
+        let mut copied = patched(&recorded_pod(), &first);
+        copied["metadata"]["labels"]["agentsecrets.io/owner"] = json!("bob");
+        let Decision::Deny(message) = world.admit(copied, WINDOW_END - 1) else {
+            panic!("refused");
+        };
+        assert!(message.contains(&name), "{message}");
+    }
+
+    #[test]
+    fn a_warm_admission_opens_nothing_and_a_cold_one_needs_every_value_to_open() {
+        let world = World::new();
+        let first = injected(world.admit(Value::Null, WINDOW_END - 10));
+        let name = first.secret.as_ref().unwrap().name().to_owned();
+        world.pod_secrets.created(NAMESPACE, &name, WINDOW_END);
+        // Warm: decided without a keyring.
+        let warm = mutate(
+            &request(Value::Null),
+            Inputs {
+                keyring: None,
+                index: &world.index,
+                pod_secrets: &world.pod_secrets,
+                policy: &world.policy,
+                now: WINDOW_END - 5,
+            },
+        );
+        assert!(
+            matches!(&injected(warm).secret, Some(PodSecretUse::Reuse { name: n, .. }) if *n == name)
+        );
+        // Cold, under a keyring that cannot open the values: refused, nothing to create.
+        let other = keyring("k2");
+        let cold = mutate(
+            &request(Value::Null),
+            Inputs {
+                keyring: Some(&other),
+                index: &world.index,
+                pod_secrets: &PodSecretIndex::default(),
+                policy: &world.policy,
+                now: WINDOW_END - 5,
+            },
+        );
+        assert!(matches!(cold, Decision::Deny(m) if m.contains("cannot be opened")));
+    }
+}
