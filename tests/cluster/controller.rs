@@ -563,14 +563,7 @@ async fn a_shared_secret_outlives_its_window_until_the_last_pod_naming_it_is_del
         },
     )
     .await;
-    let events = Api::<Event>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    assert!(
-        !serde_json::to_string(&events).unwrap().contains(&value),
-        "a value in an event"
-    );
+    assert_no_value_in_events(&client, &ns, &value).await;
 }
 
 #[tokio::test]
@@ -717,14 +710,7 @@ async fn pod_scoped_secrets_no_live_pod_names_are_deleted_once_their_window_and_
             "{name}"
         );
     }
-    let events = Api::<Event>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    assert!(
-        !serde_json::to_string(&events).unwrap().contains(&value),
-        "a value in an event"
-    );
+    assert_no_value_in_events(&client, &ns, &value).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1161,4 +1147,16 @@ async fn the_crd_refuses_plaintext_even_from_the_controllers_field_manager() {
     ));
     let stored = serde_json::to_string(&api.get("sealed").await.unwrap()).unwrap();
     assert!(!stored.contains(&value), "{stored}");
+}
+
+/// No event in `ns` holds `value`.
+async fn assert_no_value_in_events(client: &kube::Client, ns: &str, value: &str) {
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        !serde_json::to_string(&events).unwrap().contains(value),
+        "a value in an event"
+    );
 }

@@ -393,12 +393,22 @@ mod tests {
         }
 
         fn admit(&self, object: Value, now: i64) -> Decision {
+            self.admit_with(object, now, Some(&self.keyring), &self.pod_secrets)
+        }
+
+        fn admit_with(
+            &self,
+            object: Value,
+            now: i64,
+            keyring: Option<&Keyring>,
+            pod_secrets: &PodSecretIndex,
+        ) -> Decision {
             mutate(
                 &request(object),
                 Inputs {
-                    keyring: Some(&self.keyring),
+                    keyring,
                     index: &self.index,
-                    pod_secrets: &self.pod_secrets,
+                    pod_secrets,
                     policy: &self.policy,
                     now,
                 },
@@ -495,30 +505,17 @@ mod tests {
         let name = first.secret.as_ref().unwrap().name().to_owned();
         world.pod_secrets.created(NAMESPACE, &name, WINDOW_END);
         // Warm: decided without a keyring.
-        let warm = mutate(
-            &request(Value::Null),
-            Inputs {
-                keyring: None,
-                index: &world.index,
-                pod_secrets: &world.pod_secrets,
-                policy: &world.policy,
-                now: WINDOW_END - 5,
-            },
-        );
+        let warm = world.admit_with(Value::Null, WINDOW_END - 5, None, &world.pod_secrets);
         assert!(
             matches!(&injected(warm).secret, Some(PodSecretUse::Reuse { name: n, .. }) if *n == name)
         );
         // Cold, under a keyring that cannot open the values: refused, nothing to create.
         let other = keyring("k2");
-        let cold = mutate(
-            &request(Value::Null),
-            Inputs {
-                keyring: Some(&other),
-                index: &world.index,
-                pod_secrets: &PodSecretIndex::default(),
-                policy: &world.policy,
-                now: WINDOW_END - 5,
-            },
+        let cold = world.admit_with(
+            Value::Null,
+            WINDOW_END - 5,
+            Some(&other),
+            &PodSecretIndex::default(),
         );
         assert!(matches!(cold, Decision::Deny(m) if m.contains("cannot be opened")));
     }
