@@ -559,16 +559,20 @@ async fn run(options: Options) {
     let mut patch_ratios = Vec::new();
     let create = Arc::new(pod_bodies(5_000, false));
     let mut rows = Vec::new();
+    // At `options.connections` connections; `check_patch`: every answer must carry a patch.
+    let measure = async |server: &Server, bodies: &Arc<Vec<Bytes>>, check_patch: bool| {
+        load_measured(
+            server,
+            &files.ca_der,
+            bodies.clone(),
+            options.connections,
+            options.duration,
+            check_patch,
+        )
+        .await
+    };
     // Cold: no owner has a pod-scoped Secret yet, so each review opens its 20 values.
-    let cold = load_measured(
-        &ours,
-        &files.ca_der,
-        dry.clone(),
-        options.connections,
-        options.duration,
-        true,
-    )
-    .await;
+    let cold = measure(&ours, &dry, true).await;
     rows.push((0, "ours: pod admission, dryRun, cold owner", cold));
     // Each owner's first sandbox creates its Secret (the stub writer); from then on the
     // owners are warm, as every sandbox but an owner's first of a reuse window is.
@@ -579,45 +583,13 @@ async fn run(options: Options) {
     let mut throughput_ratios = Vec::new();
     let mut p99_ratios = Vec::new();
     for round in 0..options.rounds {
-        let base = load_measured(
-            &baseline,
-            &files.ca_der,
-            dry.clone(),
-            options.connections,
-            options.duration,
-            false,
-        )
-        .await;
-        let pure = load_measured(
-            &ours,
-            &files.ca_der,
-            dry.clone(),
-            options.connections,
-            options.duration,
-            true,
-        )
-        .await;
-        let patch_base = load_measured(
-            &patch_baseline,
-            &files.ca_der,
-            dry.clone(),
-            options.connections,
-            options.duration,
-            true,
-        )
-        .await;
+        let base = measure(&baseline, &dry, false).await;
+        let pure = measure(&ours, &dry, true).await;
+        let patch_base = measure(&patch_baseline, &dry, true).await;
         throughput_ratios.push(pure.rps() / base.rps());
         patch_ratios.push(pure.rps() / patch_base.rps());
         p99_ratios.push(pure.percentile_ms(0.99) / base.percentile_ms(0.99));
-        let with_secret = load_measured(
-            &ours,
-            &files.ca_der,
-            create.clone(),
-            options.connections,
-            options.duration,
-            true,
-        )
-        .await;
+        let with_secret = measure(&ours, &create, true).await;
         rows.push((round, "baseline (constant allowed)", base));
         rows.push((
             round,
