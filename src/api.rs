@@ -53,9 +53,14 @@ pub const POD_SCOPED_LABEL: &str = "agentsecrets.io/pod-scoped";
 /// during which new sandboxes of the same owner and content are given this Secret. Once it has
 /// passed, plus [`POD_SECRET_IN_FLIGHT`], the Secret is deleted as soon as no pod names it.
 pub const REUSE_UNTIL_ANNOTATION: &str = "agentsecrets.io/reuse-until";
-/// How long after a reuse window ends an admission handed its Secret's name may still be in
-/// flight: the API server's longest webhook timeout.
-pub const POD_SECRET_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long after the admission that named a pod-scoped Secret its pod may still be stored:
+/// the API server's default request timeout, which bounds the pod's CREATE with every
+/// webhook it calls (and a reinvocation of ours).
+pub const POD_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long after a reuse window ends its Secret is kept for pods not stored yet: the request
+/// timeout, plus 30 s for clock differences between the replicas that admit and the one that
+/// collects. The collector also asks the API server for the owner's pods before it deletes.
+pub const POD_SECRET_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(90);
 /// Annotation on pod-scoped Secrets: the admission request that created it.
 pub const REQUEST_UID_ANNOTATION: &str = "agentsecrets.io/request-uid";
 /// Annotation on pod-scoped Secrets: the pod's name, or its `generateName` prefix.

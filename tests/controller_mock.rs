@@ -2,7 +2,7 @@
 //! exact requests the reconcile makes, in order, and answers them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use agent_secrets::api::{AgentSecret, SecretString};
+use agent_secrets::api::{AgentSecret, POD_SECRET_IN_FLIGHT, SecretString};
 use agent_secrets::controller::{Context, Settings, agentsecret, podsecret};
 use agent_secrets::crypto::{Keyring, SealContext};
 use agent_secrets::testing::{
@@ -391,6 +391,9 @@ fn sandbox_pod(namespace: &str, name: &str, owner: &str, secret: &str, terminati
     pod
 }
 
+/// [`POD_SECRET_IN_FLIGHT`] in seconds.
+const IN_FLIGHT: i64 = POD_SECRET_IN_FLIGHT.as_secs() as i64;
+
 /// A pod store that has listed `pods`, as the controller's pod watch fills it.
 fn pod_store(pods: &[Value]) -> podsecret::PodStore {
     let (store, mut writer) = reflector::store::<PartialObjectMeta<Pod>>();
@@ -441,6 +444,28 @@ fn collected_event(namespace: &'static str, until: String) -> Expect {
     )
 }
 
+/// The metadata LIST of alice's pods in `namespace` the collector makes right before deleting,
+/// answered with `pods`.
+fn pod_listing(namespace: &str, pods: Vec<Value>) -> Expect {
+    let items: Vec<Value> = pods
+        .into_iter()
+        .map(|mut pod| {
+            pod["apiVersion"] = json!("meta.k8s.io/v1");
+            pod["kind"] = json!("PartialObjectMetadata");
+            pod
+        })
+        .collect();
+    expect(
+        Method::GET,
+        &format!(
+            "/api/v1/namespaces/{namespace}/pods?&labelSelector=agentsecrets.io%2Fowner%3Dalice"
+        ),
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+               "metadata": {"resourceVersion": "20"}, "items": items}),
+        |_| {},
+    )
+}
+
 /// The precondition-guarded deletion of the pod-scoped Secret in `namespace`.
 fn secret_deletion(namespace: &str) -> Expect {
     expect(
@@ -478,7 +503,7 @@ async fn a_secret_named_by_a_live_pod_is_kept_without_any_write() {
 async fn an_unnamed_secret_past_its_window_and_the_in_flight_margin_is_deleted_with_preconditions()
 {
     let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    let until = reuse_until(-31);
+    let until = reuse_until(-(IN_FLIGHT + 1));
     let secret = pod_secret(&until);
     // Pods that do not keep it: terminating, naming another Secret, of another owner.
     let pods = pod_store(&[
@@ -488,13 +513,35 @@ async fn an_unnamed_secret_past_its_window_and_the_in_flight_margin_is_deleted_w
     ]);
     let verifier = tokio::spawn(verify(
         handle,
-        vec![secret_deletion("ns"), collected_event("ns", until)],
+        vec![
+            pod_listing("ns", vec![]),
+            secret_deletion("ns"),
+            collected_event("ns", until),
+        ],
     ));
     let action = podsecret::reconcile(Arc::new(secret), ctx.clone(), &pods)
         .await
         .unwrap();
     verifier.await.unwrap();
     assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_pod_the_store_has_not_seen_yet_keeps_the_secret() {
+    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
+    // The store lags: the API server already holds a pod naming the Secret.
+    let listed = sandbox_pod("ns", "sandbox-late", "alice", POD_SECRET, false);
+    let verifier = tokio::spawn(verify(handle, vec![pod_listing("ns", vec![listed])]));
+    let action = podsecret::reconcile(
+        Arc::new(pod_secret(&reuse_until(-600))),
+        ctx.clone(),
+        &pod_store(&[]),
+    )
+    .await
+    .unwrap();
+    // The verifier asserts that no deletion followed.
+    verifier.await.unwrap();
+    assert_eq!(action, Action::requeue(podsecret::KEPT_RECHECK));
 }
 
 #[tokio::test]
@@ -507,7 +554,7 @@ async fn a_secret_deleted_meanwhile_is_not_reported_collected() {
         |_| {},
     )
     .with_status(404);
-    let verifier = tokio::spawn(verify(handle, vec![gone]));
+    let verifier = tokio::spawn(verify(handle, vec![pod_listing("ns", vec![]), gone]));
     let action = podsecret::reconcile(
         Arc::new(pod_secret(&reuse_until(-600))),
         ctx.clone(),
@@ -532,10 +579,11 @@ async fn a_secret_in_its_window_is_looked_at_again_when_the_in_flight_margin_end
     .await
     .unwrap();
     verifier.await.unwrap();
-    // The window ends in 60 s (less the part of this second gone), the margin 30 s later.
+    // The window ends in 60 s (less the part of this second gone), the margin after it.
     let after = requeue_after(&action).unwrap_or_else(|| panic!("not requeued: {action:?}"));
+    let deadline = Duration::from_secs(60) + POD_SECRET_IN_FLIGHT;
     assert!(
-        after > Duration::from_secs(88) && after <= Duration::from_secs(90),
+        after > deadline - Duration::from_secs(2) && after <= deadline,
         "{after:?}"
     );
     // Not yet deletable a second into the margin either.
@@ -550,7 +598,11 @@ async fn a_secret_in_its_window_is_looked_at_again_when_the_in_flight_margin_end
     .unwrap();
     verifier.await.unwrap();
     let after = requeue_after(&action).unwrap_or_else(|| panic!("not requeued: {action:?}"));
-    assert!(after <= Duration::from_secs(29), "{after:?}");
+    let left = POD_SECRET_IN_FLIGHT - Duration::from_secs(1);
+    assert!(
+        after > left - Duration::from_secs(2) && after <= left,
+        "{after:?}"
+    );
 }
 
 type Responder = tower_test::mock::SendResponse<http::Response<kube::client::Body>>;
@@ -642,8 +694,12 @@ async fn deleting_the_last_pod_naming_a_secret_past_its_window_gets_it_collected
     let event = serde_json::to_vec(&json!({"type": "DELETED", "object": deleted})).unwrap();
     respond(pod_watch.unwrap(), event);
     let deleted_at = tokio::time::Instant::now();
-    let mut expected =
-        vec![secret_deletion("team-a"), collected_event("team-a", until)].into_iter();
+    let mut expected = vec![
+        pod_listing("team-a", vec![]),
+        secret_deletion("team-a"),
+        collected_event("team-a", until),
+    ]
+    .into_iter();
     let mut current = expected.next();
     while let Some(expect) = current.take() {
         let (request, send) = next_request(&mut handle).await;
@@ -663,7 +719,12 @@ async fn deleting_the_last_pod_naming_a_secret_past_its_window_gets_it_collected
             .await
             .unwrap()
             .to_bytes();
-        (expect.check)(&serde_json::from_slice(&body).unwrap());
+        let body = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap()
+        };
+        (expect.check)(&body);
         respond(send, serde_json::to_vec(&expect.reply).unwrap());
         current = expected.next();
     }

@@ -369,8 +369,9 @@ async fn a_named_sandbox_pod_gets_its_owners_secrets_by_reference() {
         annotations["agentsecrets.io/reuse-until"].parse().unwrap();
     let now = k8s_openapi::jiff::Timestamp::now();
     assert!(until > now, "{until}");
+    let window = fixture_policy().pod_secret_reuse_window;
     assert!(
-        until <= now + k8s_openapi::jiff::SignedDuration::from_secs(300),
+        until <= now + k8s_openapi::jiff::SignedDuration::try_from(window).unwrap(),
         "{until}"
     );
     // Exactly alice's secrets in this namespace: not bob's, not alice's in "other".

@@ -8,7 +8,7 @@ use futures::FutureExt as _;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -211,6 +211,22 @@ pub async fn reconcile<S: Resource<DynamicType = ()>>(
     };
     let namespace = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
+    // The store may lag the API server (a relist in progress, a watch backing off, a pod
+    // stored just now): before deleting, ask it. One metadata LIST per Secret per window.
+    if let Some(owner) = secret.labels().get(OWNER_LABEL) {
+        let pods: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &namespace);
+        let listed = pods
+            .list_metadata(&ListParams::default().labels(&format!("{OWNER_LABEL}={owner}")))
+            .await
+            .map_err(Error::Kube)?;
+        if listed
+            .items
+            .iter()
+            .any(|pod| names_secret(pod, secret.as_ref()))
+        {
+            return Ok(Action::requeue(KEPT_RECHECK));
+        }
+    }
     let secrets: kube::Api<Secret> = kube::Api::namespaced(ctx.client.clone(), &namespace);
     // Deletes exactly the version decided on: a Secret recreated under the same name, or
     // changed since, is left for its own reconcile.
@@ -288,7 +304,8 @@ mod tests {
         }
     }
 
-    const IN_FLIGHT: i64 = 30;
+    const IN_FLIGHT: i64 = POD_SECRET_IN_FLIGHT.as_secs() as i64;
+    const IN_FLIGHT_SECS: u64 = POD_SECRET_IN_FLIGHT.as_secs();
 
     #[test]
     fn the_reuse_until_annotation_is_read_as_an_rfc_3339_time() {
@@ -372,12 +389,12 @@ mod tests {
         let none: &[Pod] = &[];
         assert_eq!(
             secret_action(&shared, none, at(20), WINDOW),
-            SecretAction::Wait(Duration::from_secs(100 + 30))
+            SecretAction::Wait(Duration::from_secs(100 + IN_FLIGHT_SECS))
         );
         // Past the window, admissions handed its name may still be in flight.
         assert_eq!(
             secret_action(&shared, none, at(120), WINDOW),
-            SecretAction::Wait(Duration::from_secs(30))
+            SecretAction::Wait(POD_SECRET_IN_FLIGHT)
         );
         assert_eq!(
             secret_action(&shared, none, at(120 + IN_FLIGHT - 1), WINDOW),
@@ -409,7 +426,7 @@ mod tests {
         let window_end = 300;
         assert_eq!(
             secret_action(&secret(None), none, at(60), WINDOW),
-            SecretAction::Wait(Duration::from_secs(240 + 30))
+            SecretAction::Wait(Duration::from_secs(240 + IN_FLIGHT_SECS))
         );
         assert_eq!(
             secret_action(&secret(None), none, at(window_end + IN_FLIGHT - 1), WINDOW),
@@ -429,7 +446,7 @@ mod tests {
         for text in ["", "soon", "2027-01-15 08:00:00", "1800000120"] {
             assert_eq!(
                 secret_action(&secret(Some(text)), none, at(60), WINDOW),
-                SecretAction::Wait(Duration::from_secs(240 + 30)),
+                SecretAction::Wait(Duration::from_secs(240 + IN_FLIGHT_SECS)),
                 "{text:?}"
             );
         }

@@ -651,7 +651,7 @@ async fn pod_scoped_secrets_no_live_pod_names_are_deleted_once_their_window_and_
     wait_until_gone(&secrets, "asec-pod-unnamed", Duration::from_secs(30)).await;
     wait_until_gone(&secrets, "asec-pod-claimed", Duration::from_secs(30)).await;
 
-    // Its window ends in seconds, the in-flight margin 30 s later: it is there until then.
+    // Its window ends in seconds, the in-flight margin after it: it is there until then.
     let in_window_deadline =
         in_window_until + SignedDuration::try_from(POD_SECRET_IN_FLIGHT).unwrap();
     let still_there = secrets
@@ -662,14 +662,24 @@ async fn pod_scoped_secrets_no_live_pod_names_are_deleted_once_their_window_and_
     if Timestamp::now() < in_window_deadline {
         assert!(still_there, "deleted before {in_window_deadline}");
     }
-    wait_until_gone(&secrets, "asec-pod-in-window", Duration::from_secs(60)).await;
+    wait_until_gone(
+        &secrets,
+        "asec-pod-in-window",
+        POD_SECRET_IN_FLIGHT + Duration::from_secs(40),
+    )
+    .await;
     assert!(
         Timestamp::now() >= in_window_deadline,
         "deleted before {in_window_deadline}"
     );
     let legacy_deadline = legacy.metadata.creation_timestamp.clone().unwrap().0
         + SignedDuration::try_from(WINDOW + POD_SECRET_IN_FLIGHT).unwrap();
-    wait_until_gone(&secrets, "asec-pod-legacy", Duration::from_secs(60)).await;
+    wait_until_gone(
+        &secrets,
+        "asec-pod-legacy",
+        WINDOW + POD_SECRET_IN_FLIGHT + Duration::from_secs(40),
+    )
+    .await;
     assert!(
         Timestamp::now() >= legacy_deadline,
         "deleted before {legacy_deadline}"

@@ -90,9 +90,14 @@ pub fn fixture(name: &str) -> (String, Value) {
 
 /// The policy the recorded fixtures run under: they were recorded as the cluster's admin
 /// (group `system:masters`), made a secret administrator here so that owner binding lets the
-/// admin write alice's and bob's secrets; owner binding has tests of its own.
+/// admin write alice's and bob's secrets; owner binding has tests of its own. The tests run
+/// on the real clock: a day-long reuse window keeps an owner's sandboxes on one Secret even
+/// when a test runs across a 5-minute boundary (window boundaries have unit tests).
 pub fn fixture_policy() -> Policy {
-    let mut policy = Policy::default();
+    let mut policy = Policy {
+        pod_secret_reuse_window: std::time::Duration::from_secs(86_400),
+        ..Policy::default()
+    };
     policy.owner_binding.administrators = vec![Principal::Group("system:masters".into())];
     policy
 }

@@ -297,6 +297,10 @@ fn decide(request: &Request<PodView>, inputs: Inputs<'_>) -> Result<Decision, St
     })))
 }
 
+fn request_timeout() -> i64 {
+    i64::try_from(crate::api::POD_REQUEST_TIMEOUT.as_secs()).unwrap_or(i64::MAX)
+}
+
 /// A selected secret holds no readable sealed value, so no Secret can be named for the set.
 struct Unnamed;
 
@@ -322,8 +326,12 @@ fn choose_name(
         .annotations
         .as_ref()
         .and_then(|a| a.get(SECRET_NAME_ANNOTATION));
+    // Only within the request that named it: past the API server's request timeout the
+    // pod is stored or refused, and the collector may delete the Secret soon after.
+    let in_request = now < window.previous().end().saturating_add(request_timeout());
     if let Some(claimed) = claimed
         && *claimed != current
+        && in_request
         && pod_secrets.contains(namespace, claimed)
         && pod_secret_name(namespace, owner, window.previous(), secrets).as_ref() == Some(claimed)
     {
@@ -479,8 +487,13 @@ mod tests {
             Decision::Deny(_)
         ));
         assert!(matches!(
-            world.admit(once, WINDOW_END + 1),
+            world.admit(once.clone(), WINDOW_END + 1),
             Decision::Inject(_)
+        ));
+        // Past the request that named it, not even the previous window's is handed out.
+        assert!(matches!(
+            world.admit(once, WINDOW_END + 60),
+            Decision::Deny(_)
         ));
     }
 
