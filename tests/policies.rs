@@ -897,6 +897,30 @@ fn a_pod_with_the_proxy_sidecar_cannot_gain_or_change_its_owner_label() {
     assert_eq!(decision, Decision::NotEvaluated);
 }
 
+#[test]
+fn a_pod_given_a_pod_scoped_secret_cannot_change_or_lose_its_owner_label() {
+    let (recorded, pod) = recorded_pod();
+    let mut given = pod;
+    given["metadata"]["annotations"] = json!({SECRET_NAME_ANNOTATION: pod_secret("alice")});
+    let mut other_owner = given.clone();
+    other_owner["metadata"]["labels"][OWNER_LABEL] = json!("bob");
+    let unlabelled = unlabelled(given.clone());
+    for after in [other_owner, unlabelled] {
+        let message = pods_policy()
+            .decide(pod_request(&recorded, "UPDATE"), after, Some(given.clone()))
+            .refusal();
+        assert!(
+            message.contains("agentsecrets.io/owner cannot be added, changed or removed"),
+            "{message}"
+        );
+    }
+    // Other label changes are not looked at.
+    let mut relabelled = given.clone();
+    relabelled["metadata"]["labels"]["extra"] = json!("1");
+    let decision = pods_policy().decide(pod_request(&recorded, "UPDATE"), relabelled, Some(given));
+    assert_eq!(decision, Decision::NotEvaluated);
+}
+
 // ---------------------------------------------------------------------------------------
 // Secrets: only the operator writes pod-scoped ones
 

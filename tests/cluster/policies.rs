@@ -806,4 +806,33 @@ async fn a_pod_with_the_proxy_sidecar_cannot_gain_change_or_lose_its_owner_label
         .await
         .unwrap();
     assert_eq!(owner_of(moved).as_deref(), Some("bob"));
+
+    // A pod given a pod-scoped Secret keeps its owner too: the operator keeps that Secret
+    // while pods of its owner name it.
+    let mut given = sandbox_pod("given", Some("mallory"));
+    given.metadata.annotations = Some(
+        [(
+            SECRET_NAME_ANNOTATION.to_owned(),
+            format!("{POD_SECRET_NAME_PREFIX}given"),
+        )]
+        .into(),
+    );
+    as_mallory
+        .create(&PostParams::default(), &given)
+        .await
+        .unwrap();
+    let message = refused_by(
+        as_mallory
+            .patch(
+                "given",
+                &PatchParams::default(),
+                &Patch::Merge(&relabel(Some("bob"))),
+            )
+            .await,
+        &policy,
+    );
+    assert!(
+        message.contains("agentsecrets.io/secret-name, whose Secret is kept"),
+        "{message}"
+    );
 }
