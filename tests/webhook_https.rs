@@ -700,6 +700,26 @@ async fn a_spoofed_secret_name_annotation_is_refused() {
     assert!(server.created().is_empty());
 }
 
+#[tokio::test]
+async fn a_pod_presetting_its_owners_current_secret_name_is_refused() {
+    let server = serve(fixture_policy()).await;
+    let (path, review) = sandbox_review("sandbox-alice-1", 1);
+    let first = server.review(&path, &review).await;
+    let name = annotation(
+        &patched(&review["request"]["object"], &first),
+        "agentsecrets.io/secret-name",
+    )
+    .to_owned();
+    // The very name alice's next sandbox would get: still not the pod's to set.
+    let (path, mut review) = sandbox_review("sandbox-alice-2", 2);
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({"agentsecrets.io/secret-name": name});
+    let answer = server.review(&path, &review).await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("set by agent-secrets only"), "{message}");
+}
+
 /// Forged input (issue: any pod creator could name a running sandbox's Secret): a pod that
 /// refers to another pod's Secret is refused, labelled or not, whatever the reference kind.
 #[tokio::test]

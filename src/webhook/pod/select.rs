@@ -89,20 +89,27 @@ fn sandbox<'a>(
 /// but `own`, the one this admission gives it (another one could hand it someone else's
 /// values), and only agent-secrets names it in [`SECRET_NAME_ANNOTATION`].
 pub(super) fn check_claims(pod: &PodView, own: Option<&str>) -> Result<(), String> {
+    let mut refers_to_own = false;
     if let Some(spec) = pod.spec.as_ref() {
         for (place, name) in spec.secret_references() {
-            if name.starts_with(POD_SECRET_NAME_PREFIX) && Some(name) != own {
+            if !name.starts_with(POD_SECRET_NAME_PREFIX) {
+                continue;
+            }
+            if Some(name) != own {
                 return Err(format!(
                     "{} refers to the pod-scoped Secret {}, which this pod is not given; Secrets named {POD_SECRET_NAME_PREFIX}* are created and referenced by agent-secrets only",
                     quoted(&place),
                     quoted(name)
                 ));
             }
+            refers_to_own = true;
         }
     }
     let annotations = pod.metadata.annotations.as_ref();
+    // The annotation is ours only on a reinvocation, whose pod carries the references the
+    // first invocation wrote along with it.
     if let Some(claimed) = annotations.and_then(|a| a.get(SECRET_NAME_ANNOTATION))
-        && Some(claimed.as_str()) != own
+        && (Some(claimed.as_str()) != own || !refers_to_own)
     {
         return Err(format!(
             "annotation {SECRET_NAME_ANNOTATION} is set by agent-secrets only; remove it (it names {})",
@@ -275,7 +282,20 @@ mod tests {
         let pod = request.object.as_ref().unwrap();
         let error = check_claims(pod, Some("asec-pod-own")).unwrap_err();
         assert!(error.contains("set by agent-secrets only"), "{error}");
-        assert!(check_claims(pod, Some("asec-pod-bobs")).is_ok());
+        // Even naming the Secret this admission would give it: without the references an
+        // earlier invocation wrote along with it, the pod set it itself.
+        let error = check_claims(pod, Some("asec-pod-bobs")).unwrap_err();
+        assert!(error.contains("set by agent-secrets only"), "{error}");
+        let reinvoked = self::request(
+            labelled(
+                json!({"metadata": {"name": "p", "labels": {OWNER_LABEL: "alice"},
+                "annotations": {SECRET_NAME_ANNOTATION: "asec-pod-bobs"}},
+                "spec": {"containers": [{"name": "c", "env": [{"name": "X",
+                    "valueFrom": {"secretKeyRef": {"name": "asec-pod-bobs", "key": "X"}}}]}]}}),
+            ),
+            "dev",
+        );
+        assert!(check_claims(reinvoked.object.as_ref().unwrap(), Some("asec-pod-bobs")).is_ok());
         let unlabelled = json!({"metadata": {"name": "p",
             "annotations": {SECRET_NAME_ANNOTATION: "asec-pod-bobs"}}});
         let error = authorise(&self::request(unlabelled, "dev"), &Policy::default()).unwrap_err();
