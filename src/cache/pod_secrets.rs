@@ -2,7 +2,7 @@
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
 use super::WatchScope;
@@ -14,9 +14,19 @@ use crate::api::REUSE_UNTIL_ANNOTATION;
 /// windows' Secrets bounds what forged admission reviews can make the operator create.
 #[derive(Debug, Default)]
 pub struct PodSecretIndex {
-    /// namespace → Secret name → end of its reuse window (Unix seconds; `None` for Secrets of
-    /// older versions, made for one pod and never reused).
-    state: RwLock<HashMap<String, HashMap<String, Option<i64>>>>,
+    state: RwLock<State>,
+}
+
+/// namespace → Secret name → end of its reuse window (Unix seconds; `None` for Secrets of
+/// older versions, made for one pod and never reused).
+type Names = HashMap<String, HashMap<String, Option<i64>>>;
+
+#[derive(Debug, Default)]
+struct State {
+    current: Names,
+    /// What a relist has listed so far, per relisting scope: it replaces that scope's part of
+    /// `current` once complete, so admissions keep finding the Secrets meanwhile.
+    relisting: BTreeMap<WatchScope, Names>,
 }
 
 /// The end of a pod-scoped Secret's reuse window, from its annotation.
@@ -36,32 +46,60 @@ impl PodSecretIndex {
             ))
         };
         match event {
-            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
+            watcher::Event::Apply(object) => {
                 if let Some((namespace, name)) = key(&object) {
                     // A Secret being deleted is no longer handed out.
                     if object.meta().deletion_timestamp.is_some() {
-                        remove(&mut state, &namespace, &name);
+                        remove(&mut state.current, &namespace, &name);
                     } else {
                         let until = reuse_until(object.meta());
-                        state.entry(namespace).or_default().insert(name, until);
+                        state
+                            .current
+                            .entry(namespace)
+                            .or_default()
+                            .insert(name, until);
                     }
+                }
+            }
+            watcher::Event::InitApply(object) => {
+                if let Some((namespace, name)) = key(&object)
+                    && object.meta().deletion_timestamp.is_none()
+                {
+                    let until = reuse_until(object.meta());
+                    state
+                        .relisting
+                        .entry(scope.clone())
+                        .or_default()
+                        .entry(namespace)
+                        .or_default()
+                        .insert(name, until);
                 }
             }
             watcher::Event::Delete(object) => {
                 if let Some((namespace, name)) = key(&object) {
-                    remove(&mut state, &namespace, &name);
+                    remove(&mut state.current, &namespace, &name);
                 }
             }
-            // A relist re-applies everything; entries of Secrets deleted meanwhile would be
-            // stale, so start over. Only the relisting watch's own scope: per-namespace
-            // watches relist independently.
-            watcher::Event::Init => match scope {
-                WatchScope::Cluster => state.clear(),
-                WatchScope::Namespace(namespace) => {
-                    state.remove(namespace);
+            // A relist re-lists everything; entries of Secrets deleted meanwhile would be
+            // stale, so the listed set replaces the scope's entries once complete. Only the
+            // relisting watch's own scope: per-namespace watches relist independently.
+            watcher::Event::Init => {
+                state.relisting.insert(scope.clone(), Names::new());
+            }
+            watcher::Event::InitDone => {
+                let listed = state.relisting.remove(scope).unwrap_or_default();
+                match scope {
+                    WatchScope::Cluster => state.current = listed,
+                    WatchScope::Namespace(namespace) => {
+                        state.current.remove(namespace);
+                        for (listed_namespace, names) in listed {
+                            if listed_namespace == *namespace {
+                                state.current.insert(listed_namespace, names);
+                            }
+                        }
+                    }
                 }
-            },
-            watcher::Event::InitDone => {}
+            }
         }
     }
 
@@ -69,6 +107,7 @@ impl PodSecretIndex {
     pub fn created(&self, namespace: &str, name: &str, reuse_until: i64) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state
+            .current
             .entry(namespace.to_owned())
             .or_default()
             .insert(name.to_owned(), Some(reuse_until));
@@ -78,6 +117,7 @@ impl PodSecretIndex {
     pub fn contains(&self, namespace: &str, name: &str) -> bool {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         state
+            .current
             .get(namespace)
             .is_some_and(|names| names.contains_key(name))
     }
@@ -86,7 +126,7 @@ impl PodSecretIndex {
     /// seconds): those new sandboxes may still be given.
     pub fn reusable(&self, namespace: &str, now: i64) -> usize {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state.get(namespace).map_or(0, |names| {
+        state.current.get(namespace).map_or(0, |names| {
             names
                 .values()
                 .filter(|until| until.is_some_and(|until| until > now))
@@ -95,7 +135,7 @@ impl PodSecretIndex {
     }
 }
 
-fn remove(state: &mut HashMap<String, HashMap<String, Option<i64>>>, namespace: &str, name: &str) {
+fn remove(state: &mut Names, namespace: &str, name: &str) {
     if let Some(names) = state.get_mut(namespace) {
         names.remove(name);
         if names.is_empty() {
@@ -178,25 +218,34 @@ mod tests {
     }
 
     #[test]
-    fn a_relist_of_one_namespace_keeps_the_other_namespaces_entries() {
+    fn a_relist_replaces_its_scopes_entries_once_complete_and_keeps_them_meanwhile() {
         let index = PodSecretIndex::default();
         let a = WatchScope::Namespace("a".into());
         let b = WatchScope::Namespace("b".into());
         index.apply(&a, watcher::Event::Apply(pod_secret("a", "x", None)));
+        index.apply(&a, watcher::Event::Apply(pod_secret("a", "gone", None)));
         index.apply(&b, watcher::Event::Apply(pod_secret("b", "y", None)));
         index.apply(&a, watcher::Event::<SecretMeta>::Init);
+        index.apply(&a, watcher::Event::InitApply(pod_secret("a", "x", None)));
         assert!(
-            !index.contains("a", "x"),
-            "the relisting namespace starts over"
+            index.contains("a", "gone"),
+            "admissions keep finding the Secrets while the relist runs"
+        );
+        index.apply(&a, watcher::Event::<SecretMeta>::InitDone);
+        assert!(index.contains("a", "x"));
+        assert!(
+            !index.contains("a", "gone"),
+            "not listed again: deleted meanwhile"
         );
         assert!(
             index.contains("b", "y"),
             "another namespace's watch is untouched"
         );
         index.apply(&WatchScope::Cluster, watcher::Event::<SecretMeta>::Init);
+        index.apply(&WatchScope::Cluster, watcher::Event::<SecretMeta>::InitDone);
         assert!(
-            !index.contains("b", "y"),
-            "a cluster-wide relist starts over"
+            !index.contains("b", "y") && !index.contains("a", "x"),
+            "a cluster-wide relist replaces everything"
         );
     }
 }
