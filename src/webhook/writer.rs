@@ -103,7 +103,66 @@ impl SecretWriter for KubeSecretWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{expect, mock_client, verify};
+    use http::Method;
     use kube::api::ObjectMeta;
+    use serde_json::json;
+
+    const PATH: &str = "/api/v1/namespaces/ns/secrets";
+
+    fn wanted() -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("asec-pod-x".into()),
+                namespace: Some("ns".into()),
+                ..meta("alice", "2027-01-15T08:05:00Z")
+            },
+            ..Secret::default()
+        }
+    }
+
+    fn conflict() -> crate::testing::Expect {
+        expect(
+            Method::POST,
+            &format!("{PATH}?&fieldManager=agent-secrets"),
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "reason": "AlreadyExists", "code": 409,
+                   "message": "secrets \"asec-pod-x\" already exists"}),
+            |_| {},
+        )
+        .with_status(409)
+    }
+
+    /// The metadata GET after a conflict, answered with `existing`.
+    fn found(existing: serde_json::Value) -> crate::testing::Expect {
+        expect(Method::GET, &format!("{PATH}/asec-pod-x"), existing, |_| {})
+    }
+
+    fn existing(owner: &str, until: &str) -> serde_json::Value {
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+               "metadata": {"name": "asec-pod-x", "namespace": "ns",
+                            "labels": {POD_SCOPED_LABEL: "true", OWNER_LABEL: owner},
+                            "annotations": {REUSE_UNTIL_ANNOTATION: until}}})
+    }
+
+    #[tokio::test]
+    async fn a_conflict_with_the_same_secret_is_success_and_with_another_a_refusal() {
+        for (answer, same) in [
+            (existing("alice", "2027-01-15T08:05:00Z"), true),
+            (existing("bob", "2027-01-15T08:05:00Z"), false),
+            (existing("alice", "2027-01-15T08:00:00Z"), false),
+        ] {
+            let (client, handle) = mock_client();
+            let verifier = tokio::spawn(verify(handle, vec![conflict(), found(answer)]));
+            let result = KubeSecretWriter { client }.create(wanted()).await;
+            verifier.await.unwrap();
+            if same {
+                assert!(matches!(result, Ok(Created::Existing)), "{result:?}");
+            } else {
+                assert!(matches!(result, Err(WriteError::NameTaken)), "{result:?}");
+            }
+        }
+    }
 
     fn meta(owner: &str, until: &str) -> ObjectMeta {
         ObjectMeta {
