@@ -271,6 +271,13 @@ fn run_refuses_bad_flags_clearly() {
     );
     let output = agentsecrets(&["run", "--rotation-rate", "0"]);
     assert!(!output.status.success());
+    let output = agentsecrets(&["run", "--pod-secret-reuse-window", "10s"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--pod-secret-reuse-window must be at least 60s"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
     /// How long new sandboxes of one owner share a pod-scoped Secret of the same content; it
-    /// is deleted once this window (plus 30 s for admissions in flight) has ended and no pod
+    /// is deleted once this window (plus 90 s for pods not stored yet) has ended and no pod
     /// names it. Bounds how long its plaintext outlives the owner's last sandbox.
     #[arg(
         long,

@@ -48,6 +48,9 @@ async fn wait_for_tls(files: &TlsFiles, stop: &CancellationToken) -> Option<Rust
     }
 }
 
+/// The shortest `--pod-secret-reuse-window`.
+const MIN_POD_SECRET_REUSE_WINDOW: std::time::Duration = crate::api::POD_REQUEST_TIMEOUT;
+
 /// Run the operator until SIGTERM.
 pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
@@ -85,6 +88,13 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("agentsecrets-{}", std::process::id()));
     crate::telemetry::init_logging(log_format);
+    // Shorter, nearly every sandbox would write a Secret, and a reinvoked admission could fall
+    // two windows after the first call.
+    anyhow::ensure!(
+        pod_secret_reuse_window >= MIN_POD_SECRET_REUSE_WINDOW,
+        "--pod-secret-reuse-window must be at least {}s (the API server's request timeout)",
+        MIN_POD_SECRET_REUSE_WINDOW.as_secs()
+    );
     let policy = Arc::new(crate::webhook::Policy {
         pod_secret_reuse_window,
         ..policy.policy(operator_username())?
