@@ -481,72 +481,65 @@ fn secret_deletion(namespace: &str) -> Expect {
     )
 }
 
-#[tokio::test]
-async fn a_secret_named_by_a_live_pod_is_kept_without_any_write() {
+/// Reconcile alice's pod-scoped Secret reused until `until` against a store of `pods`, with
+/// the API server expecting exactly `expected`.
+async fn collect(until: &str, pods: &[Value], expected: Vec<Expect>) -> Action {
     let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    // Its window and the in-flight margin long past: only the pod keeps it.
-    let secret = pod_secret(&reuse_until(-3000));
-    let pods = pod_store(&[
-        sandbox_pod("ns", "sandbox-1", "alice", "asec-pod-other", false),
-        sandbox_pod("ns", "sandbox-2", "alice", POD_SECRET, false),
-    ]);
-    let verifier = tokio::spawn(verify(handle, vec![]));
-    let action = podsecret::reconcile(Arc::new(secret), ctx.clone(), &pods)
+    let verifier = tokio::spawn(verify(handle, expected));
+    let action = podsecret::reconcile(Arc::new(pod_secret(until)), ctx, &pod_store(pods))
         .await
         .unwrap();
-    // The verifier asserts that no request at all was made: no deletion, no patch.
     verifier.await.unwrap();
+    action
+}
+
+#[tokio::test]
+async fn a_secret_named_by_a_live_pod_is_kept_without_any_write() {
+    // Its window and the in-flight margin long past: only the pod keeps it. The verifier
+    // asserts that no request at all was made: no deletion, no patch.
+    let pods = [
+        sandbox_pod("ns", "sandbox-1", "alice", "asec-pod-other", false),
+        sandbox_pod("ns", "sandbox-2", "alice", POD_SECRET, false),
+    ];
+    let action = collect(&reuse_until(-3000), &pods, vec![]).await;
     assert_eq!(action, Action::requeue(podsecret::KEPT_RECHECK));
 }
 
 #[tokio::test]
 async fn an_unnamed_secret_past_its_window_and_the_in_flight_margin_is_deleted_with_preconditions()
 {
-    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
     let until = reuse_until(-(IN_FLIGHT + 1));
-    let secret = pod_secret(&until);
     // Pods that do not keep it: terminating, naming another Secret, of another owner.
-    let pods = pod_store(&[
+    let pods = [
         sandbox_pod("ns", "sandbox-1", "alice", POD_SECRET, true),
         sandbox_pod("ns", "sandbox-2", "alice", "asec-pod-other", false),
         sandbox_pod("ns", "sandbox-3", "mallory", POD_SECRET, false),
-    ]);
-    let verifier = tokio::spawn(verify(
-        handle,
-        vec![
-            pod_listing("ns", vec![]),
-            secret_deletion("ns"),
-            collected_event("ns", until),
-        ],
-    ));
-    let action = podsecret::reconcile(Arc::new(secret), ctx.clone(), &pods)
-        .await
-        .unwrap();
-    verifier.await.unwrap();
+    ];
+    let expected = vec![
+        pod_listing("ns", vec![]),
+        secret_deletion("ns"),
+        collected_event("ns", until.clone()),
+    ];
+    let action = collect(&until, &pods, expected).await;
     assert_eq!(action, Action::await_change());
 }
 
 #[tokio::test]
 async fn a_pod_the_store_has_not_seen_yet_keeps_the_secret() {
-    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    // The store lags: the API server already holds a pod naming the Secret.
+    // The store lags: the API server already holds a pod naming the Secret; the verifier
+    // asserts that no deletion followed.
     let listed = sandbox_pod("ns", "sandbox-late", "alice", POD_SECRET, false);
-    let verifier = tokio::spawn(verify(handle, vec![pod_listing("ns", vec![listed])]));
-    let action = podsecret::reconcile(
-        Arc::new(pod_secret(&reuse_until(-600))),
-        ctx.clone(),
-        &pod_store(&[]),
+    let action = collect(
+        &reuse_until(-600),
+        &[],
+        vec![pod_listing("ns", vec![listed])],
     )
-    .await
-    .unwrap();
-    // The verifier asserts that no deletion followed.
-    verifier.await.unwrap();
+    .await;
     assert_eq!(action, Action::requeue(podsecret::KEPT_RECHECK));
 }
 
 #[tokio::test]
 async fn a_secret_deleted_meanwhile_is_not_reported_collected() {
-    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
     let gone = expect(
         Method::DELETE,
         SECRET_PATH,
@@ -554,31 +547,19 @@ async fn a_secret_deleted_meanwhile_is_not_reported_collected() {
         |_| {},
     )
     .with_status(404);
-    let verifier = tokio::spawn(verify(handle, vec![pod_listing("ns", vec![]), gone]));
-    let action = podsecret::reconcile(
-        Arc::new(pod_secret(&reuse_until(-600))),
-        ctx.clone(),
-        &pod_store(&[]),
-    )
-    .await
-    .unwrap();
     // The verifier asserts that no event followed.
-    verifier.await.unwrap();
+    let action = collect(
+        &reuse_until(-600),
+        &[],
+        vec![pod_listing("ns", vec![]), gone],
+    )
+    .await;
     assert_eq!(action, Action::await_change());
 }
 
 #[tokio::test]
 async fn a_secret_in_its_window_is_looked_at_again_when_the_in_flight_margin_ends() {
-    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    let verifier = tokio::spawn(verify(handle, vec![]));
-    let action = podsecret::reconcile(
-        Arc::new(pod_secret(&reuse_until(60))),
-        ctx.clone(),
-        &pod_store(&[]),
-    )
-    .await
-    .unwrap();
-    verifier.await.unwrap();
+    let action = collect(&reuse_until(60), &[], vec![]).await;
     // The window ends in 60 s (less the part of this second gone), the margin after it.
     let after = requeue_after(&action).unwrap_or_else(|| panic!("not requeued: {action:?}"));
     let deadline = Duration::from_secs(60) + POD_SECRET_IN_FLIGHT;
@@ -587,16 +568,7 @@ async fn a_secret_in_its_window_is_looked_at_again_when_the_in_flight_margin_end
         "{after:?}"
     );
     // Not yet deletable a second into the margin either.
-    let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    let verifier = tokio::spawn(verify(handle, vec![]));
-    let action = podsecret::reconcile(
-        Arc::new(pod_secret(&reuse_until(-1))),
-        ctx.clone(),
-        &pod_store(&[]),
-    )
-    .await
-    .unwrap();
-    verifier.await.unwrap();
+    let action = collect(&reuse_until(-1), &[], vec![]).await;
     let after = requeue_after(&action).unwrap_or_else(|| panic!("not requeued: {action:?}"));
     let left = POD_SECRET_IN_FLIGHT - Duration::from_secs(1);
     assert!(
