@@ -53,6 +53,23 @@ pub const POD_SCOPED_LABEL: &str = "agentsecrets.io/pod-scoped";
 /// during which new sandboxes of the same owner and content are given this Secret. Once it has
 /// passed, plus [`POD_SECRET_IN_FLIGHT`], the Secret is deleted as soon as no pod names it.
 pub const REUSE_UNTIL_ANNOTATION: &str = "agentsecrets.io/reuse-until";
+
+/// [`REUSE_UNTIL_ANNOTATION`]'s text for the end of a window, in Unix seconds.
+pub fn reuse_until_text(unix_seconds: i64) -> String {
+    Timestamp::from_second(unix_seconds)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+/// The end of a pod-scoped Secret's reuse window, from its [`REUSE_UNTIL_ANNOTATION`];
+/// `None` when absent or unreadable.
+pub fn reuse_until(meta: &kube::api::ObjectMeta) -> Option<Timestamp> {
+    meta.annotations
+        .as_ref()?
+        .get(REUSE_UNTIL_ANNOTATION)?
+        .parse()
+        .ok()
+}
 /// How long after the admission that named a pod-scoped Secret its pod may still be stored:
 /// the API server's default request timeout, which bounds the pod's CREATE with every
 /// webhook it calls (and a reinvocation of ours).

@@ -1,12 +1,10 @@
 //! The pod-scoped Secrets that exist, per namespace, and until when each is reused.
 
-use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
 use super::WatchScope;
-use crate::api::REUSE_UNTIL_ANNOTATION;
 
 /// The pod-scoped Secrets that exist, per namespace, with the end of each one's reuse window,
 /// fed by metadata-only watches (values are never transferred). The webhook looks a sandbox's
@@ -29,10 +27,9 @@ struct State {
     relisting: BTreeMap<WatchScope, Names>,
 }
 
-/// The end of a pod-scoped Secret's reuse window, from its annotation.
-pub fn reuse_until(meta: &kube::api::ObjectMeta) -> Option<i64> {
-    let text = meta.annotations.as_ref()?.get(REUSE_UNTIL_ANNOTATION)?;
-    text.parse::<Timestamp>().ok().map(|t| t.as_second())
+/// The end of a pod-scoped Secret's reuse window, in Unix seconds.
+fn reuse_until(meta: &kube::api::ObjectMeta) -> Option<i64> {
+    crate::api::reuse_until(meta).map(|t| t.as_second())
 }
 
 impl PodSecretIndex {
@@ -87,15 +84,13 @@ impl PodSecretIndex {
                 state.relisting.insert(scope.clone(), Names::new());
             }
             watcher::Event::InitDone => {
-                let listed = state.relisting.remove(scope).unwrap_or_default();
+                let mut listed = state.relisting.remove(scope).unwrap_or_default();
                 match scope {
                     WatchScope::Cluster => state.current = listed,
                     WatchScope::Namespace(namespace) => {
                         state.current.remove(namespace);
-                        for (listed_namespace, names) in listed {
-                            if listed_namespace == *namespace {
-                                state.current.insert(listed_namespace, names);
-                            }
+                        if let Some(names) = listed.remove(namespace) {
+                            state.current.insert(namespace.clone(), names);
                         }
                     }
                 }
@@ -147,7 +142,9 @@ fn remove(state: &mut Names, namespace: &str, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::REUSE_UNTIL_ANNOTATION;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
 
     type SecretMeta = kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>;
 

@@ -128,7 +128,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             rewrap_per_second: 20,
-            pod_secret_reuse_window: Duration::from_secs(300),
+            pod_secret_reuse_window: crate::webhook::DEFAULT_POD_SECRET_REUSE_WINDOW,
             max_concurrent_reconciles: 4,
             sandbox_scopes: vec![WatchScope::Cluster],
             reporter_instance: None,

@@ -19,9 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Context, Error};
-use crate::api::{
-    OWNER_LABEL, POD_SECRET_IN_FLIGHT, REUSE_UNTIL_ANNOTATION, SECRET_NAME_ANNOTATION,
-};
+use crate::api::{OWNER_LABEL, POD_SECRET_IN_FLIGHT, SECRET_NAME_ANNOTATION};
 
 /// The sandbox pods of one watch scope, as much of their metadata as the collector reads.
 pub type PodStore = Store<PartialObjectMeta<Pod>>;
@@ -60,11 +58,7 @@ pub fn names_secret(pod: &impl Resource, secret: &impl Resource) -> bool {
 /// When new pods stop being handed `secret`: its reuse-until annotation, or, without a
 /// readable one (a Secret made by an older version), its creation plus `window`.
 pub fn reuse_ends(secret: &impl Resource, now: Timestamp, window: Duration) -> Timestamp {
-    if let Some(until) = secret
-        .annotations()
-        .get(REUSE_UNTIL_ANNOTATION)
-        .and_then(|value| value.parse::<Timestamp>().ok())
-    {
+    if let Some(until) = crate::api::reuse_until(secret.meta()) {
         return until;
     }
     let created = secret
@@ -257,6 +251,7 @@ pub async fn reconcile<S: Resource<DynamicType = ()>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::REUSE_UNTIL_ANNOTATION;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
     use kube::runtime::reflector;
 

@@ -178,7 +178,7 @@ pub fn preview(
                     secret.namespace,
                     secret.name,
                     secret.keys().collect::<Vec<_>>().join(", "),
-                    pod::reuse_until_text(secret.reuse_until)
+                    crate::api::reuse_until_text(secret.reuse_until)
                 ));
             }
             lines.join("\n")

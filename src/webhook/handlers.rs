@@ -284,12 +284,13 @@ impl Reviewed for PodView {
 
     async fn decide(state: &AppState, request: &Request<Self>) -> Verdict {
         let keyring = state.keyring.current();
+        let now = crate::api::now_seconds();
         let inputs = pod::Inputs {
             keyring: keyring.as_deref(),
             index: &state.index,
             pod_secrets: &state.pod_secrets,
             policy: &state.policy,
-            now: crate::api::now_seconds(),
+            now,
         };
         let injection = match pod::mutate(request, inputs) {
             pod::Decision::Allow => return Verdict::Allow,
@@ -298,7 +299,7 @@ impl Reviewed for PodView {
         };
         if let Some(pod::PodSecretUse::Create(secret)) =
             injection.secret.as_ref().filter(|_| !request.dry_run)
-            && let Err(message) = create_pod_secret(state, secret).await
+            && let Err(message) = create_pod_secret(state, secret, now).await
         {
             return Verdict::Deny {
                 message,
@@ -309,41 +310,41 @@ impl Reviewed for PodView {
             let injected = injection.injected.len() as u64;
             state.metrics.injected_secrets.inc_by(injected);
             if let Some(pod::PodSecretUse::Reuse { .. }) = injection.secret {
-                let labels = ResultLabels { result: "reused" };
-                state
-                    .metrics
-                    .pod_secrets_created
-                    .get_or_create(&labels)
-                    .inc();
+                count_pod_secret(state, "reused");
             }
         }
         Verdict::Inject(injection)
     }
 }
 
+/// Count a pod-scoped Secret a sandbox was given, by how (`result`).
+fn count_pod_secret(state: &AppState, result: &'static str) {
+    let labels = ResultLabels { result };
+    state
+        .metrics
+        .pod_secrets_created
+        .get_or_create(&labels)
+        .inc();
+}
+
 /// Create the pod-scoped Secret, unless the namespace already has too many in their reuse
 /// window; the error is the message for the pod's creator.
-async fn create_pod_secret(state: &AppState, secret: &pod::PodSecret) -> Result<(), String> {
-    let count = |result| {
-        let labels = ResultLabels { result };
-        state
-            .metrics
-            .pod_secrets_created
-            .get_or_create(&labels)
-            .inc();
-    };
+async fn create_pod_secret(
+    state: &AppState,
+    secret: &pod::PodSecret,
+    now: i64,
+) -> Result<(), String> {
+    let count = |result| count_pod_secret(state, result);
     // Forged reviews must not make the operator fill a namespace with Secrets: past the
     // bound, only sandboxes given an existing Secret start until the window turns.
-    let reusable = state
-        .pod_secrets
-        .reusable(&secret.namespace, crate::api::now_seconds());
+    let reusable = state.pod_secrets.reusable(&secret.namespace, now);
     let limit = state.policy.max_pod_secrets_per_window;
     if reusable >= limit {
         count("limited");
         return Err(format!(
             "namespace {:?} already has {reusable} pod-scoped Secrets in their reuse window (at most {limit}); retry after {}",
             secret.namespace,
-            pod::reuse_until_text(secret.reuse_until)
+            crate::api::reuse_until_text(secret.reuse_until)
         ));
     }
     match state.writer.create(secret.to_secret()).await {

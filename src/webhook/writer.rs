@@ -2,6 +2,8 @@
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::collections::BTreeMap;
 
 use crate::api::{FIELD_MANAGER, OWNER_LABEL, POD_SCOPED_LABEL, REUSE_UNTIL_ANNOTATION};
 
@@ -46,23 +48,16 @@ pub struct KubeSecretWriter {
 /// Whether `existing` is the Secret `wanted` describes. Its name is a hash of its namespace,
 /// owner, window and content, and only the operator may write Secrets of such names, so the
 /// same labels and window mean the same values.
-pub fn same_pod_secret(
-    existing: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    wanted: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> bool {
-    let label = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str| {
-        meta.labels.as_ref().and_then(|l| l.get(key)).cloned()
-    };
-    let until = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        meta.annotations
-            .as_ref()
-            .and_then(|a| a.get(REUSE_UNTIL_ANNOTATION))
-            .cloned()
-    };
+pub fn same_pod_secret(existing: &ObjectMeta, wanted: &ObjectMeta) -> bool {
+    fn get<'a>(map: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a String> {
+        map?.get(key)
+    }
+    let owner = |meta: &ObjectMeta| get(meta.labels.as_ref(), OWNER_LABEL).cloned();
+    let until = |meta: &ObjectMeta| get(meta.annotations.as_ref(), REUSE_UNTIL_ANNOTATION).cloned();
     existing.deletion_timestamp.is_none()
-        && label(existing, POD_SCOPED_LABEL).as_deref() == Some("true")
-        && label(existing, OWNER_LABEL).is_some()
-        && label(existing, OWNER_LABEL) == label(wanted, OWNER_LABEL)
+        && get(existing.labels.as_ref(), POD_SCOPED_LABEL).is_some_and(|v| v == "true")
+        && owner(existing).is_some()
+        && owner(existing) == owner(wanted)
         && until(existing).is_some()
         && until(existing) == until(wanted)
 }
@@ -105,7 +100,6 @@ mod tests {
     use super::*;
     use crate::testing::{expect, mock_client, verify};
     use http::Method;
-    use kube::api::ObjectMeta;
     use serde_json::json;
 
     const PATH: &str = "/api/v1/namespaces/ns/secrets";

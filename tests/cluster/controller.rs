@@ -135,23 +135,16 @@ fn pod_scoped_secret(
     }))
     .unwrap();
     if let Some(until) = reuse_until {
-        secret
-            .annotations_mut()
-            .insert(REUSE_UNTIL_ANNOTATION.to_owned(), reuse_until_text(until));
+        secret.annotations_mut().insert(
+            REUSE_UNTIL_ANNOTATION.to_owned(),
+            agent_secrets::api::reuse_until_text(until.as_second()),
+        );
     }
     secret.data = Some(BTreeMap::from([(
         "X_BEARER_TOKEN".to_owned(),
         ByteString(value.as_bytes().to_vec()),
     )]));
     secret
-}
-
-/// The reuse-until annotation's text for `until`: RFC 3339 UTC in whole seconds, as the webhook
-/// writes it.
-fn reuse_until_text(until: Timestamp) -> String {
-    Timestamp::from_second(until.as_second())
-        .unwrap()
-        .to_string()
 }
 
 /// `seconds` from now (in the past when negative), in whole seconds.

@@ -11,7 +11,7 @@ mod secret;
 pub mod secretless;
 mod select;
 
-pub use secret::{PodSecret, PodSecretUse, Window, pod_secret_name, reuse_until_text};
+pub use secret::{PodSecret, PodSecretUse, Window, pod_secret_name};
 pub use secretless::{FeedCa, NamespaceSet, SecretlessPolicy, Unscoped};
 
 use std::collections::BTreeMap;
@@ -350,13 +350,18 @@ mod tests {
     /// The end of a 5-minute window.
     const WINDOW_END: i64 = 1_800_000_300;
 
-    /// `object` reviewed as the recorded named pod's CREATE (`Null`: the recorded pod).
-    fn request(object: Value) -> Request<PodView> {
+    /// The recorded review of a named pod's CREATE.
+    fn recorded_request() -> Value {
         let mut recorded: Value = serde_json::from_str(include_str!(
             "../../../tests/fixtures/admission/pod_create_named.json"
         ))
         .unwrap();
-        let mut request = recorded["review"]["request"].take();
+        recorded["review"]["request"].take()
+    }
+
+    /// `object` reviewed as the recorded named pod's CREATE (`Null`: the recorded pod).
+    fn request(object: Value) -> Request<PodView> {
+        let mut request = recorded_request();
         if !object.is_null() {
             request["object"] = object;
         }
@@ -364,11 +369,7 @@ mod tests {
     }
 
     fn recorded_pod() -> Value {
-        let recorded: Value = serde_json::from_str(include_str!(
-            "../../../tests/fixtures/admission/pod_create_named.json"
-        ))
-        .unwrap();
-        recorded["review"]["request"]["object"].clone()
+        recorded_request()["object"].take()
     }
 
     struct World {

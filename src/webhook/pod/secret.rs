@@ -3,7 +3,6 @@
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use ring::digest;
 use std::collections::BTreeMap;
@@ -13,7 +12,7 @@ use std::time::Duration;
 
 use crate::api::{
     MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, POD_SCOPED_LABEL, POD_SECRET_NAME_PREFIX,
-    REUSE_UNTIL_ANNOTATION,
+    REUSE_UNTIL_ANNOTATION, reuse_until_text,
 };
 use crate::cache::CachedSecret;
 use crate::crypto::Plaintext;
@@ -100,13 +99,6 @@ fn encode_name(hash: &[u8]) -> String {
         name.push(char::from(ALPHABET[usize::from(index)]));
     }
     name
-}
-
-/// RFC 3339 in whole seconds, as [`REUSE_UNTIL_ANNOTATION`] holds it.
-pub fn reuse_until_text(unix_seconds: i64) -> String {
-    Timestamp::from_second(unix_seconds)
-        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default()
 }
 
 /// The pod-scoped Secret to create, holding the owner's values as of admission.
