@@ -49,13 +49,17 @@ pub struct KubeSecretWriter {
 /// owner, window and content, and only the operator may write Secrets of such names, so the
 /// same labels and window mean the same values.
 pub fn same_pod_secret(existing: &ObjectMeta, wanted: &ObjectMeta) -> bool {
-    fn get<'a>(map: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a String> {
-        map?.get(key)
+    fn get<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+        map.as_ref()?.get(key).map(String::as_str)
     }
-    let owner = |meta: &ObjectMeta| get(meta.labels.as_ref(), OWNER_LABEL).cloned();
-    let until = |meta: &ObjectMeta| get(meta.annotations.as_ref(), REUSE_UNTIL_ANNOTATION).cloned();
+    fn owner(meta: &ObjectMeta) -> Option<&str> {
+        get(&meta.labels, OWNER_LABEL)
+    }
+    fn until(meta: &ObjectMeta) -> Option<&str> {
+        get(&meta.annotations, REUSE_UNTIL_ANNOTATION)
+    }
     existing.deletion_timestamp.is_none()
-        && get(existing.labels.as_ref(), POD_SCOPED_LABEL).is_some_and(|v| v == "true")
+        && get(&existing.labels, POD_SCOPED_LABEL) == Some("true")
         && owner(existing).is_some()
         && owner(existing) == owner(wanted)
         && until(existing).is_some()
