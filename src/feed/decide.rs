@@ -524,6 +524,14 @@ mod tests {
     }
 
     /// A pod as the webhook shapes a secretless sandbox.
+    /// The env of `pod`'s proxy sidecar (its first init container).
+    fn sidecar_env(pod: &mut Pod) -> &mut Vec<k8s_openapi::api::core::v1::EnvVar> {
+        pod.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0]
+            .env
+            .as_mut()
+            .unwrap()
+    }
+
     fn pod() -> Pod {
         serde_json::from_value(json!({
             "metadata": {
@@ -582,16 +590,7 @@ mod tests {
         );
 
         let mut loosened = pod();
-        let env = loosened
-            .spec
-            .as_mut()
-            .unwrap()
-            .init_containers
-            .as_mut()
-            .unwrap()[0]
-            .env
-            .as_mut()
-            .unwrap();
+        let env = sidecar_env(&mut loosened);
         env[1].value = Some("allowlist".into());
         loosened
             .metadata
@@ -637,17 +636,7 @@ mod tests {
         );
 
         let mut no_placeholders = pod();
-        no_placeholders
-            .spec
-            .as_mut()
-            .unwrap()
-            .init_containers
-            .as_mut()
-            .unwrap()[0]
-            .env
-            .as_mut()
-            .unwrap()
-            .retain(|e| e.name != PROXY_PLACEHOLDERS_ENV);
+        sidecar_env(&mut no_placeholders).retain(|e| e.name != PROXY_PLACEHOLDERS_ENV);
         assert_eq!(
             refusal(&no_placeholders),
             "the proxy sidecar has no placeholders"
@@ -658,10 +647,7 @@ mod tests {
     fn malformed_placeholders_or_egress_refuse_the_pod() {
         let with_env = |name: &str, value: &str| {
             let mut pod = pod();
-            let env = pod.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0]
-                .env
-                .as_mut()
-                .unwrap();
+            let env = sidecar_env(&mut pod);
             env.iter_mut().find(|e| e.name == name).unwrap().value = Some(value.into());
             pod
         };
@@ -690,17 +676,7 @@ mod tests {
     #[test]
     fn a_relabelled_pod_or_a_sidecar_naming_no_owner_is_refused() {
         let mut unpinned = pod();
-        unpinned
-            .spec
-            .as_mut()
-            .unwrap()
-            .init_containers
-            .as_mut()
-            .unwrap()[0]
-            .env
-            .as_mut()
-            .unwrap()
-            .retain(|e| e.name != PROXY_OWNER_ENV);
+        sidecar_env(&mut unpinned).retain(|e| e.name != PROXY_OWNER_ENV);
         assert_eq!(
             refusal(&unpinned),
             "the proxy sidecar does not name the pod's owner"
