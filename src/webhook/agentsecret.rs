@@ -330,6 +330,17 @@ mod tests {
         .unwrap()
     }
 
+    /// The decision on `old` updated to `new`, under `keyring` and the default policy.
+    fn update_decided(keyring: &Keyring, old: &AgentSecret, new: &AgentSecret) -> Decision {
+        mutate(
+            &update(old, new),
+            Some(keyring),
+            &SecretIndex::default(),
+            &Policy::default(),
+            NOW,
+        )
+    }
+
     fn patched_sealed(decision: Decision) -> (SealedValue, Action) {
         let Decision::Patch { patch, action } = decision else {
             panic!("expected a patch, got {decision:?}");
@@ -348,13 +359,7 @@ mod tests {
         let old = testing::agent_secret("ns", "token", "alice", "TOKEN", &keyring, "v");
         let mut new = old.clone();
         new.spec.allowed_hosts = Some(vec!["api.x.com".into()]);
-        let decision = mutate(
-            &update(&old, &new),
-            Some(&keyring),
-            &SecretIndex::default(),
-            &Policy::default(),
-            NOW,
-        );
+        let decision = update_decided(&keyring, &old, &new);
         let (sealed, action) = patched_sealed(decision);
         assert_eq!(action, Action::Resealed);
         let constraints = new.spec.constraints();
@@ -388,13 +393,7 @@ mod tests {
         let mut new = old.clone();
         new.spec.allowed_hosts = Some(vec!["api.x.com".into()]);
         new.spec.sealed = Some(testing::sealed(&keyring, "ns", "alice", "TOKEN", "other"));
-        let decision = mutate(
-            &update(&old, &new),
-            Some(&keyring),
-            &SecretIndex::default(),
-            &Policy::default(),
-            NOW,
-        );
+        let decision = update_decided(&keyring, &old, &new);
         let Decision::Deny(message) = decision else {
             panic!("expected a denial, got {decision:?}");
         };
@@ -415,13 +414,7 @@ mod tests {
         );
         let mut new = old.clone();
         new.spec.allowed_hosts = Some(vec!["B.x.com".into(), "a.x.com".into()]);
-        let decision = mutate(
-            &update(&old, &new),
-            Some(&keyring),
-            &SecretIndex::default(),
-            &Policy::default(),
-            NOW,
-        );
+        let decision = update_decided(&keyring, &old, &new);
         assert_eq!(decision, Decision::Allow);
     }
 
@@ -437,13 +430,7 @@ mod tests {
             let mut new = old.clone();
             new.spec.allowed_hosts = Some(hosts.iter().map(|h| (*h).to_owned()).collect());
             new.spec.inject_as = Some(inject_as.iter().map(|h| (*h).to_owned()).collect());
-            let decision = mutate(
-                &update(&old, &new),
-                Some(&keyring),
-                &SecretIndex::default(),
-                &Policy::default(),
-                NOW,
-            );
+            let decision = update_decided(&keyring, &old, &new);
             let Decision::Deny(message) = decision else {
                 panic!("expected a denial, got {decision:?}");
             };
@@ -451,13 +438,7 @@ mod tests {
         }
         let mut many = old.clone();
         many.spec.allowed_hosts = Some((0..33).map(|i| format!("h{i}.x.com")).collect());
-        let decision = mutate(
-            &update(&old, &many),
-            Some(&keyring),
-            &SecretIndex::default(),
-            &Policy::default(),
-            NOW,
-        );
+        let decision = update_decided(&keyring, &old, &many);
         assert!(matches!(decision, Decision::Deny(m) if m.contains("at most 32")));
     }
 }
