@@ -798,18 +798,29 @@ mod tests {
     }
 
     /// The full shape on a pod without env, mounts, volumes or init containers.
-    fn shaped(doc: &Value, placeholders: &BTreeMap<String, String>) -> Value {
-        let view = pod(doc.clone());
+    /// The placeholders written into `view`'s regular containers, and where they went.
+    fn place(
+        view: &PodView,
+        placeholders: &BTreeMap<String, String>,
+    ) -> Result<(PatchWriter, Placed), String> {
         let mut writer = PatchWriter::default();
-        let secretless = SecretlessWriter {
+        let mut placed = Placed::default();
+        SecretlessWriter {
             placeholders,
             env_created: false,
-        };
-        let mut placed = Placed::default();
-        let spec = view.spec.as_ref().unwrap();
-        secretless
-            .containers(&mut writer, "containers", &spec.containers, &mut placed)
-            .unwrap();
+        }
+        .containers(
+            &mut writer,
+            "containers",
+            &view.spec.as_ref().unwrap().containers,
+            &mut placed,
+        )?;
+        Ok((writer, placed))
+    }
+
+    fn shaped(doc: &Value, placeholders: &BTreeMap<String, String>) -> Value {
+        let view = pod(doc.clone());
+        let (mut writer, _) = place(&view, placeholders).unwrap();
         write_sidecar(&mut writer, &view, &sidecar(), placeholders);
         apply(doc.clone(), writer.finish())
     }
@@ -1006,19 +1017,7 @@ mod tests {
         let kept = check_reserved(&view, Some(&sidecar())).unwrap();
         assert_eq!(kept, Some(placeholders.clone()));
         // The second call writes nothing for what the first wrote.
-        let mut writer = PatchWriter::default();
-        let mut placed = Placed::default();
-        SecretlessWriter {
-            placeholders: &placeholders,
-            env_created: false,
-        }
-        .containers(
-            &mut writer,
-            "containers",
-            &view.spec.as_ref().unwrap().containers,
-            &mut placed,
-        )
-        .unwrap();
+        let (writer, placed) = place(&view, &placeholders).unwrap();
         assert!(writer.is_empty());
         assert_eq!(placed.received.len(), 2);
         assert!(placed.skipped.is_empty());
@@ -1112,35 +1111,15 @@ mod tests {
         let view = pod(
             json!({"spec": {"containers": [{"name": "c", "env": [{"name": "A_TOKEN", "value": "mine"}]}]}}),
         );
-        let mut writer = PatchWriter::default();
-        let mut placed = Placed::default();
-        SecretlessWriter {
-            placeholders: &placeholders,
-            env_created: false,
-        }
-        .containers(
-            &mut writer,
-            "containers",
-            &view.spec.as_ref().unwrap().containers,
-            &mut placed,
-        )
-        .unwrap();
+        let (_, placed) = place(&view, &placeholders).unwrap();
         assert_eq!(placed.skipped, ["c/A_TOKEN"]);
         assert!(placed.received.contains("B_KEY") && !placed.received.contains("A_TOKEN"));
         let view = pod(
             json!({"spec": {"containers": [{"name": "c", "env": [{"name": "HTTPS_PROXY", "value": "http://elsewhere"}]}]}}),
         );
-        let error = SecretlessWriter {
-            placeholders: &placeholders,
-            env_created: false,
-        }
-        .containers(
-            &mut PatchWriter::default(),
-            "containers",
-            &view.spec.as_ref().unwrap().containers,
-            &mut Placed::default(),
-        )
-        .unwrap_err();
+        let Err(error) = place(&view, &placeholders) else {
+            panic!("refused");
+        };
         assert!(error.contains("sets HTTPS_PROXY"), "{error}");
     }
 
