@@ -589,6 +589,33 @@ pub struct AgentSecretStatus {
     pub value_changed_at: Option<Time>,
 }
 
+impl AgentSecretStatus {
+    /// A digest of everything but the conditions' transition times, which a reconcile keeps
+    /// as they are: two statuses with the same digest need no write to turn one into the
+    /// other. Lets the controller's cache tell a settled object from a stale one without
+    /// keeping its status.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        // SipHash with fixed keys: the digest is compared within one process only.
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.conditions.len().hash(&mut hasher);
+        for condition in &self.conditions {
+            condition.type_.hash(&mut hasher);
+            condition.status.hash(&mut hasher);
+            condition.reason.hash(&mut hasher);
+            condition.message.hash(&mut hasher);
+            condition.observed_generation.hash(&mut hasher);
+        }
+        self.key_id.hash(&mut hasher);
+        self.observed_generation.hash(&mut hasher);
+        self.value_changed_at
+            .as_ref()
+            .map(|t| (t.0.as_second(), t.0.subsec_nanosecond()))
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
 impl schemars::JsonSchema for SecretString {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "SecretString".into()
@@ -957,5 +984,47 @@ mod tests {
             bounds(&sealed["nonce"]),
             (b64(NONCE_LEN).into(), b64(NONCE_LEN).into())
         );
+    }
+
+    #[test]
+    fn a_status_digest_ignores_transition_times_only() {
+        fn at(seconds: i64) -> Time {
+            Time(Timestamp::from_second(seconds).unwrap())
+        }
+        let status = AgentSecretStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "Sealed".into(),
+                message: "opens".into(),
+                observed_generation: Some(2),
+                last_transition_time: at(1),
+            }],
+            key_id: Some("k1".into()),
+            observed_generation: Some(2),
+            value_changed_at: Some(at(5)),
+        };
+        let mut moved = status.clone();
+        moved.conditions[0].last_transition_time = at(9);
+        assert_eq!(moved.digest(), status.digest());
+
+        let variants: Vec<fn(&mut AgentSecretStatus)> = vec![
+            |s| s.conditions[0].status = "False".into(),
+            |s| s.conditions[0].reason = "KeyMissing".into(),
+            |s| s.conditions[0].message = "does not open".into(),
+            |s| s.conditions[0].observed_generation = Some(3),
+            |s| s.conditions[0].type_ = "Other".into(),
+            |s| s.conditions.clear(),
+            |s| s.key_id = Some("k2".into()),
+            |s| s.key_id = None,
+            |s| s.observed_generation = Some(3),
+            |s| s.value_changed_at = Some(at(6)),
+            |s| s.value_changed_at = None,
+        ];
+        for (i, change) in variants.into_iter().enumerate() {
+            let mut changed = status.clone();
+            change(&mut changed);
+            assert_ne!(changed.digest(), status.digest(), "variant {i}");
+        }
     }
 }

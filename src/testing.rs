@@ -243,6 +243,7 @@ pub fn synthetic(
                 inject_as: Vec::new(),
                 allow_plain_http: false,
                 constraints: String::new(),
+                revision: Default::default(),
             });
         }
     }

@@ -56,7 +56,9 @@ async fn run_reconcile(
     expected: Vec<Expect>,
 ) -> Action {
     let verifier = tokio::spawn(verify(handle, expected));
-    let action = agentsecret::reconcile(Arc::new(object), ctx).await.unwrap();
+    let action = agentsecret::reconcile_object(Arc::new(object), ctx)
+        .await
+        .unwrap();
     verifier.await.unwrap();
     action
 }
@@ -149,11 +151,11 @@ async fn a_rewrap_without_a_free_rate_limit_slot_is_requeued_without_writing() {
     ];
     let verifier = tokio::spawn(verify(handle, expected));
     let started = tokio::time::Instant::now();
-    agentsecret::reconcile(Arc::new(first), ctx.clone())
+    agentsecret::reconcile_object(Arc::new(first), ctx.clone())
         .await
         .unwrap();
     // The second finds no slot: nothing is written, and it comes back when its slot does.
-    let action = agentsecret::reconcile(Arc::new(second.clone()), ctx.clone())
+    let action = agentsecret::reconcile_object(Arc::new(second.clone()), ctx.clone())
         .await
         .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_millis(500)));
@@ -167,7 +169,9 @@ async fn a_rewrap_without_a_free_rate_limit_slot_is_requeued_without_writing() {
         now < slot,
         "the verifier's wait for extra requests ends before the slot"
     );
-    let action = agentsecret::reconcile(Arc::new(second), ctx).await.unwrap();
+    let action = agentsecret::reconcile_object(Arc::new(second), ctx)
+        .await
+        .unwrap();
     assert_eq!(action, Action::requeue(slot - now));
 }
 
@@ -257,7 +261,7 @@ async fn a_rotation_of_many_agentsecrets_posts_one_summary_event_on_the_lease() 
     ));
     for object in objects.into_iter().map(Arc::new) {
         // Until its re-wrap is written (requeued meanwhile, as the controller would).
-        while agentsecret::reconcile(object.clone(), ctx.clone())
+        while agentsecret::reconcile_object(object.clone(), ctx.clone())
             .await
             .unwrap()
             != Action::await_change()
@@ -330,9 +334,146 @@ async fn a_transient_api_error_fails_the_reconcile_for_a_retry() {
     )
     .with_status(504);
     let verifier = tokio::spawn(verify(handle, vec![failing]));
-    let result = agentsecret::reconcile(Arc::new(object), ctx).await;
+    let result = agentsecret::reconcile_object(Arc::new(object), ctx).await;
     verifier.await.unwrap();
     assert!(result.is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// Reconciles from metadata: the controller stores only metadata, and decides from the
+// webhook's cache when it holds the same version of the object.
+
+const GET_PATH: &str = "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token";
+
+/// `object` as the controller's metadata store keeps it.
+fn stored_metadata(object: &AgentSecret) -> Arc<PartialObjectMeta<AgentSecret>> {
+    let mut metadata: PartialObjectMeta<AgentSecret> =
+        serde_json::from_value(serde_json::to_value(object).unwrap()).unwrap();
+    agent_secrets::controller::strip_for_store(&mut metadata);
+    Arc::new(metadata)
+}
+
+/// `object` with the status a reconcile under `keyring` writes for it.
+fn settled(mut object: AgentSecret, keyring: &Keyring) -> AgentSecret {
+    let plan = agentsecret::plan(&object, Some(keyring), None, Timestamp::now());
+    object.status = Some(plan.status);
+    object
+}
+
+/// Reconcile `listed` from its stored metadata, with `cached` in the webhook's cache,
+/// asserting the requests made.
+async fn reconcile_metadata(
+    listed: &AgentSecret,
+    cached: Option<&AgentSecret>,
+    ctx: Arc<Context>,
+    handle: ApiServerHandle,
+    expected: Vec<Expect>,
+) -> Action {
+    ctx.index
+        .replace_all(cached.and_then(agent_secrets::cache::CachedSecret::from_object));
+    let verifier = tokio::spawn(verify(handle, expected));
+    let action = agentsecret::reconcile(stored_metadata(listed), ctx)
+        .await
+        .unwrap();
+    verifier.await.unwrap();
+    action
+}
+
+#[tokio::test]
+async fn a_settled_secret_the_cache_holds_is_reconciled_without_any_request() {
+    let keyring = Keyring::generate("k1").unwrap();
+    let object = settled(agent_secret(&keyring), &keyring);
+    let (ctx, handle) = context(keyring);
+    let action = reconcile_metadata(&object, Some(&object), ctx, handle, vec![]).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_cache_holding_another_version_sends_the_reconcile_to_the_object() {
+    let keyring = Keyring::generate("k1").unwrap();
+    let object = settled(agent_secret(&keyring), &keyring);
+    let mut older = object.clone();
+    older.metadata.resource_version = Some("40".into());
+    let (ctx, handle) = context(keyring);
+    // Read, found settled: nothing written.
+    let expected = vec![expect(
+        Method::GET,
+        GET_PATH,
+        serde_json::to_value(&object).unwrap(),
+        |_| {},
+    )];
+    reconcile_metadata(&object, Some(&older), ctx, handle, expected).await;
+}
+
+#[tokio::test]
+async fn a_secret_missing_from_the_cache_is_read_and_its_status_written() {
+    let keyring = Keyring::generate("k1").unwrap();
+    let object = agent_secret(&keyring);
+    let (ctx, handle) = context(keyring);
+    let reply = serde_json::to_value(&object).unwrap();
+    let expected = vec![
+        expect(Method::GET, GET_PATH, reply.clone(), |_| {}),
+        expect(Method::PATCH, STATUS_PATH, reply, |body| {
+            assert_eq!(body["status"]["conditions"][0]["reason"], "Sealed");
+        }),
+        event_expectation("Sealed", "Normal"),
+    ];
+    let action = reconcile_metadata(&object, None, ctx, handle, expected).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_secret_deleted_before_it_is_read_is_left_to_the_watch() {
+    let keyring = Keyring::generate("k1").unwrap();
+    let object = agent_secret(&keyring);
+    let (ctx, handle) = context(keyring);
+    let gone = expect(
+        Method::GET,
+        GET_PATH,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        |_| {},
+    )
+    .with_status(404);
+    let action = reconcile_metadata(&object, Some(&object), ctx, handle, vec![gone]).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rewrap_waits_for_its_rate_limit_slot_before_reading_and_then_takes_no_second_one() {
+    let mut keyring = Keyring::generate("k1").unwrap();
+    let object = settled(agent_secret(&keyring), &keyring);
+    keyring.add_primary("k2").unwrap();
+    let (ctx, handle) = context_with(
+        keyring,
+        Settings {
+            rewrap_per_second: 1,
+            ..test_settings()
+        },
+    );
+    ctx.index
+        .replace_all(agent_secrets::cache::CachedSecret::from_object(&object));
+    let reply = serde_json::to_value(&object).unwrap();
+    let expected = vec![
+        expect(Method::GET, GET_PATH, reply.clone(), |_| {}),
+        expect(Method::PATCH, OBJECT_PATH, reply, |body| {
+            assert_eq!(body["spec"]["sealed"]["keyId"], "k2");
+        }),
+    ];
+    let verifier = tokio::spawn(verify_within(handle, expected, Duration::from_secs(10)));
+    // Another re-wrap took this second's slot: the reconcile is requeued without a request
+    // (the verifier would see it as an early GET).
+    assert_eq!(ctx.rewrap_limiter.try_acquire("other"), Ok(()));
+    let metadata = stored_metadata(&object);
+    let action = agentsecret::reconcile(metadata.clone(), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    // At its slot it reads and re-wraps; with a limit of one per second, taking a second
+    // slot after the read would have requeued it again instead of writing.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let action = agentsecret::reconcile(metadata, ctx).await.unwrap();
+    verifier.await.unwrap();
+    assert_eq!(action, Action::await_change());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -713,6 +854,53 @@ async fn deleting_the_last_pod_naming_a_secret_past_its_window_gets_it_collected
 // ---------------------------------------------------------------------------------------
 // Sandbox namespaces
 
+/// One request the controllers made while starting their watches.
+struct Seen {
+    path: String,
+    accept: String,
+}
+
+/// Answer every list with an empty one and keep every watch open, until `done` holds of the
+/// requests seen or `wait` passes without a request; returns the requests and the open
+/// watches (dropping them ends the watches).
+async fn serve_watches(
+    handle: &mut ApiServerHandle,
+    seen: &mut Vec<Seen>,
+    wait: Duration,
+    done: impl Fn(&[Seen]) -> bool,
+) -> Vec<Responder> {
+    let mut open_watches = Vec::new();
+    while !done(seen) {
+        let Ok(next) = tokio::time::timeout(wait, handle.next_request()).await else {
+            break;
+        };
+        let (request, send) = next.unwrap();
+        seen.push(Seen {
+            path: request.uri().path().to_owned(),
+            accept: request
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+        });
+        if request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .contains("watch=true")
+        {
+            open_watches.push(send);
+        } else {
+            let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []});
+            respond(send, serde_json::to_vec(&list).unwrap());
+        }
+    }
+    open_watches
+}
+
+const AGENTSECRETS_PATH: &str = "/apis/agentsecrets.io/v1alpha1/agentsecrets";
+
 #[tokio::test(start_paused = true)]
 async fn with_sandbox_namespaces_secrets_and_pods_are_watched_only_there() {
     use agent_secrets::cache::WatchScope;
@@ -726,51 +914,77 @@ async fn with_sandbox_namespaces_secrets_and_pods_are_watched_only_there() {
             ..test_settings()
         },
     );
+    ctx.index.replace_all([]);
     let running = tokio::spawn(agent_secrets::controller::run_controllers(
         ctx,
         std::future::pending(),
     ));
-    // Answer every list with an empty one and keep every watch open, noting each path.
-    let mut paths = Vec::new();
-    let mut open_watches = Vec::new();
     let wanted = [
-        "/apis/agentsecrets.io/v1alpha1/agentsecrets",
+        AGENTSECRETS_PATH,
         "/api/v1/namespaces/team-a/secrets",
         "/api/v1/namespaces/team-b/secrets",
         "/api/v1/namespaces/team-a/pods",
         "/api/v1/namespaces/team-b/pods",
     ];
-    while !wanted.iter().all(|w| paths.iter().any(|p: &String| p == w)) {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("not every watch started; requests: {paths:?}"))
-            .unwrap();
-        paths.push(request.uri().path().to_owned());
-        if request
-            .uri()
-            .query()
-            .unwrap_or_default()
-            .contains("watch=true")
-        {
-            open_watches.push(send);
-        } else {
-            let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []});
-            send.send_response(
-                http::Response::builder()
-                    .body(kube::client::Body::from(serde_json::to_vec(&list).unwrap()))
-                    .unwrap(),
-            );
-        }
-    }
-    let cluster_wide: Vec<&String> = paths
-        .iter()
-        .filter(|p| p.as_str() == "/api/v1/secrets" || p.as_str() == "/api/v1/pods")
-        .collect();
+    let mut seen = Vec::new();
+    let open_watches = serve_watches(&mut handle, &mut seen, Duration::from_secs(10), |seen| {
+        wanted.iter().all(|w| seen.iter().any(|s| s.path == *w))
+    })
+    .await;
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
     assert!(
-        cluster_wide.is_empty(),
+        wanted.iter().all(|w| paths.contains(w)),
+        "not every watch started; requests: {paths:?}"
+    );
+    assert!(
+        !paths.contains(&"/api/v1/secrets") && !paths.contains(&"/api/v1/pods"),
         "Secrets or pods watched cluster-wide: {paths:?}"
     );
     // Graceful shutdown is not what this checks: stop at once.
+    running.abort();
+    let _ = running.await;
+    drop(open_watches);
+}
+
+#[tokio::test(start_paused = true)]
+async fn agentsecrets_are_watched_for_metadata_only_once_the_cache_has_listed() {
+    let (ctx, mut handle) = context(Keyring::generate("k1").unwrap());
+    let running = tokio::spawn(agent_secrets::controller::run_controllers(
+        ctx.clone(),
+        std::future::pending(),
+    ));
+    // Until the webhook's cache has listed, every reconcile would read its object: the
+    // controller does not start.
+    let mut seen = Vec::new();
+    let mut open_watches =
+        serve_watches(&mut handle, &mut seen, Duration::from_secs(5), |_| false).await;
+    assert!(
+        !seen.iter().any(|s| s.path == AGENTSECRETS_PATH),
+        "AgentSecrets listed before the cache synced"
+    );
+    assert!(
+        !seen.is_empty(),
+        "the pod-scoped Secret watches start meanwhile"
+    );
+    ctx.index.replace_all([]);
+    open_watches.extend(
+        serve_watches(&mut handle, &mut seen, Duration::from_secs(5), |seen| {
+            seen.iter().any(|s| s.path == AGENTSECRETS_PATH)
+        })
+        .await,
+    );
+    let agentsecrets: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.path == AGENTSECRETS_PATH)
+        .collect();
+    assert!(!agentsecrets.is_empty(), "AgentSecrets never listed");
+    for request in agentsecrets {
+        assert!(
+            request.accept.contains("as=PartialObjectMetadata"),
+            "AgentSecrets requested whole: Accept {:?}",
+            request.accept
+        );
+    }
     running.abort();
     let _ = running.await;
     drop(open_watches);

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use crate::api::{AgentSecret, SealedError};
+use crate::api::{AgentSecret, AgentSecretStatus, SealedError};
 use crate::crypto::Envelope;
 
 /// What admission knows about one AgentSecret.
@@ -43,6 +43,21 @@ pub struct CachedSecret {
     /// The canonical constraints the sealed value is bound to ([`crate::api::constraints_of`]),
     /// kept so that opening it on each admission does not rebuild the text.
     pub constraints: String,
+    /// Which version of the object this is, and what the controller needs of it.
+    pub revision: Revision,
+}
+
+/// Which version of its object a cache entry describes, and what the controller needs to tell
+/// that the object is settled without reading it again (see
+/// [`crate::controller::agentsecret::settled`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revision {
+    pub resource_version: Option<String>,
+    pub generation: Option<i64>,
+    /// Whether `spec.value` holds plaintext (only that it does: the value is not kept).
+    pub plaintext: bool,
+    /// [`crate::api::AgentSecretStatus::digest`] of its status; `None` without a status.
+    pub status_digest: Option<u64>,
 }
 
 impl CachedSecret {
@@ -78,6 +93,12 @@ impl CachedSecret {
             inject_as: object.spec.inject_as.clone().unwrap_or_default(),
             allow_plain_http: object.spec.allow_plain_http.unwrap_or(false),
             constraints: object.spec.constraints(),
+            revision: Revision {
+                resource_version: object.metadata.resource_version.clone(),
+                generation: object.metadata.generation,
+                plaintext: object.spec.value.is_some(),
+                status_digest: object.status.as_ref().map(AgentSecretStatus::digest),
+            },
         })
     }
 }
@@ -265,6 +286,19 @@ impl SecretIndex {
             .get(&(namespace.to_owned(), owner.to_owned()))
             .map(|entries| entries.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The AgentSecret `name` in `namespace`, unless it is not cached (absent, or being deleted).
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<CachedSecret>> {
+        let state = self.read();
+        let owner = state
+            .owner_of
+            .get(&(namespace.to_owned(), name.to_owned()))?;
+        state
+            .by_owner
+            .get(&(namespace.to_owned(), owner.clone()))?
+            .get(name)
+            .cloned()
     }
 
     /// Another AgentSecret (not named `name`) of `owner` in `namespace` with `env_name`.

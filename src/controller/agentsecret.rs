@@ -3,6 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource as _, ResourceExt as _};
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use super::{Context, Error};
 use crate::api::{AgentSecret, AgentSecretStatus, FIELD_MANAGER, SealedError, SealedValue};
-use crate::crypto::{CryptoError, Format, Keyring};
+use crate::cache::CachedSecret;
+use crate::crypto::{CryptoError, Envelope, Format, Keyring, SealContext, SecretString};
 
 /// Type of the condition that says whether a secret is injectable.
 pub const READY: &str = "Ready";
@@ -109,58 +111,101 @@ pub fn plan(
     let namespace = object.namespace().unwrap_or_default();
     let spec = &object.spec;
     let constraints = spec.constraints();
-    let ctx = spec.seal_context(&namespace, &constraints);
-    let mut spec_change = None;
-
-    let readiness = match keyring {
-        None => Readiness::NoKeyring,
-        Some(keyring) => match (&spec.value, &spec.sealed) {
-            (Some(value), _) => {
-                match keyring.seal(value.expose().as_bytes(), ctx, now.as_second()) {
-                    Ok(sealed) => {
-                        spec_change = Some(SpecChange::SealPlaintext(SealedValue::encode(&sealed)));
-                        Readiness::PlaintextFound
-                    }
-                    Err(e) => Readiness::Damaged(e.to_string()),
-                }
-            }
-            (None, None) => Readiness::NotSealed,
-            (None, Some(sealed)) => match sealed.decode() {
-                Err(e) => Readiness::Damaged(e.to_string()),
-                Ok(envelope) => match keyring.open(&envelope, ctx) {
-                    Err(CryptoError::UnknownKeyId(id)) => Readiness::KeyMissing(id),
-                    Err(e) => Readiness::Damaged(SealedError::from(e).to_string()),
-                    Ok(_) => {
-                        if envelope.format == Format::V1 {
-                            if let Ok(resealed) =
-                                keyring.reseal(&envelope, ctx, ctx, now.as_second())
-                            {
-                                spec_change =
-                                    Some(SpecChange::Reseal(SealedValue::encode(&resealed)));
-                            }
-                        } else if envelope.key_id != keyring.primary_id()
-                            && let Ok(rewrapped) = keyring.rewrap(&envelope)
-                        {
-                            spec_change = Some(SpecChange::Rewrap {
-                                from: envelope.key_id.clone(),
-                                sealed: SealedValue::encode(&rewrapped),
-                            });
-                        }
-                        match duplicate_of {
-                            Some(other) => Readiness::DuplicateEnvName(other),
-                            None => Readiness::Ready,
-                        }
-                    }
-                },
-            },
-        },
-    };
-
+    let decoded = spec.sealed.as_ref().map(SealedValue::decode);
+    let (readiness, spec_change) = decide(
+        spec.value.as_ref(),
+        decoded.as_ref().map(Result::as_ref),
+        spec.seal_context(&namespace, &constraints),
+        keyring,
+        duplicate_of,
+        now,
+    );
     let previous = object
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY));
-    let generation = object.metadata.generation;
+    let status = status_for(
+        &readiness,
+        object.metadata.generation,
+        spec.sealed.as_ref().map(|s| s.key_id.clone()),
+        spec.sealed.as_ref().and_then(|s| s.sealed_at.clone()),
+        previous,
+        now,
+    );
+    Plan {
+        readiness,
+        spec_change,
+        status,
+    }
+}
+
+/// The readiness of a value, and the change to its spec it needs, from the spec's stored
+/// plaintext (if any) and sealed value (decoded, if any).
+fn decide(
+    value: Option<&SecretString>,
+    sealed: Option<Result<&Envelope, &SealedError>>,
+    ctx: SealContext<'_>,
+    keyring: Option<&Keyring>,
+    duplicate_of: Option<String>,
+    now: Timestamp,
+) -> (Readiness, Option<SpecChange>) {
+    let Some(keyring) = keyring else {
+        return (Readiness::NoKeyring, None);
+    };
+    if let Some(value) = value {
+        return match keyring.seal(value.expose().as_bytes(), ctx, now.as_second()) {
+            Ok(sealed) => (
+                Readiness::PlaintextFound,
+                Some(SpecChange::SealPlaintext(SealedValue::encode(&sealed))),
+            ),
+            Err(e) => (Readiness::Damaged(e.to_string()), None),
+        };
+    }
+    let envelope = match sealed {
+        None => return (Readiness::NotSealed, None),
+        Some(Err(e)) => return (Readiness::Damaged(e.to_string()), None),
+        Some(Ok(envelope)) => envelope,
+    };
+    match keyring.open(envelope, ctx) {
+        Err(CryptoError::UnknownKeyId(id)) => (Readiness::KeyMissing(id), None),
+        Err(e) => (Readiness::Damaged(SealedError::from(e).to_string()), None),
+        Ok(_) => {
+            let spec_change = if envelope.format == Format::V1 {
+                keyring
+                    .reseal(envelope, ctx, ctx, now.as_second())
+                    .ok()
+                    .map(|resealed| SpecChange::Reseal(SealedValue::encode(&resealed)))
+            } else if envelope.key_id != keyring.primary_id() {
+                keyring
+                    .rewrap(envelope)
+                    .ok()
+                    .map(|rewrapped| SpecChange::Rewrap {
+                        from: envelope.key_id.clone(),
+                        sealed: SealedValue::encode(&rewrapped),
+                    })
+            } else {
+                None
+            };
+            let readiness = match duplicate_of {
+                Some(other) => Readiness::DuplicateEnvName(other),
+                None => Readiness::Ready,
+            };
+            (readiness, spec_change)
+        }
+    }
+}
+
+/// The status that reports `readiness` of an object at `generation` whose sealed value is
+/// wrapped under `key_id` and was sealed at `value_changed_at`. The Ready condition keeps
+/// `previous`'s transition time while its status stays the same.
+fn status_for(
+    readiness: &Readiness,
+    generation: Option<i64>,
+    key_id: Option<String>,
+    value_changed_at: Option<Time>,
+    previous: Option<&Condition>,
+    now: Timestamp,
+) -> AgentSecretStatus {
     let transition = match previous {
         Some(c) if c.status == readiness.status() => c.last_transition_time.clone(),
         _ => Time(now),
@@ -173,16 +218,72 @@ pub fn plan(
         observed_generation: generation,
         last_transition_time: transition,
     };
-    let status = AgentSecretStatus {
+    AgentSecretStatus {
         conditions: vec![condition],
-        key_id: spec.sealed.as_ref().map(|s| s.key_id.clone()),
+        key_id,
         observed_generation: generation,
-        value_changed_at: spec.sealed.as_ref().and_then(|s| s.sealed_at.clone()),
+        value_changed_at,
+    }
+}
+
+/// What the cache tells a reconcile about an AgentSecret, without reading the object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached {
+    /// Its spec and status already are what a reconcile would write: nothing to do.
+    Settled(Readiness),
+    /// A reconcile would re-wrap its data key: it waits for the rotation rate limit before it
+    /// reads the object.
+    NeedsRewrap,
+    /// A reconcile would write, or the cache cannot tell: the object must be read.
+    Unknown,
+}
+
+/// Whether the AgentSecret `cached` describes needs a reconcile to read it: `Settled` only
+/// when [`plan`] on the object would change neither its spec nor its status (transition
+/// times aside). Where the cache does not keep what `plan` reads (stored plaintext, an
+/// undecodable sealed value) the answer is `Unknown`.
+pub fn settled(
+    cached: &CachedSecret,
+    keyring: Option<&Keyring>,
+    duplicate_of: Option<String>,
+) -> Cached {
+    let sealed = match &cached.sealed {
+        _ if cached.revision.plaintext => return Cached::Unknown,
+        Some(Err(_)) => return Cached::Unknown,
+        Some(Ok(envelope)) => Some(envelope),
+        None => None,
     };
-    Plan {
-        readiness,
-        spec_change,
-        status,
+    // Only a change to the spec uses the time, and a change is never `Settled`.
+    let now = Timestamp::UNIX_EPOCH;
+    let (readiness, spec_change) = decide(
+        None,
+        sealed.map(Ok),
+        cached.seal_context(),
+        keyring,
+        duplicate_of,
+        now,
+    );
+    match spec_change {
+        Some(SpecChange::Rewrap { .. }) => return Cached::NeedsRewrap,
+        Some(_) => return Cached::Unknown,
+        None => {}
+    }
+    let value_changed_at = sealed
+        .and_then(|e| e.sealed_at)
+        .and_then(|s| Timestamp::from_second(s).ok())
+        .map(Time);
+    let expected = status_for(
+        &readiness,
+        cached.revision.generation,
+        sealed.map(|e| e.key_id.clone()),
+        value_changed_at,
+        None,
+        now,
+    );
+    if cached.revision.status_digest == Some(expected.digest()) {
+        Cached::Settled(readiness)
+    } else {
+        Cached::Unknown
     }
 }
 
@@ -253,8 +354,70 @@ fn next_action(readiness: &Readiness) -> Action {
     }
 }
 
-/// Reconcile one AgentSecret.
-pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// Reconcile one AgentSecret, known by its metadata.
+///
+/// The controller keeps only metadata: the spec and status it decides on come from the
+/// webhook's cache when that holds the same version of the object and shows it settled
+/// (the usual case: no API call at all), and from a GET otherwise.
+pub async fn reconcile(
+    object: Arc<PartialObjectMeta<AgentSecret>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let namespace = object.namespace().unwrap_or_default();
+    let name = object.name_any();
+    let mut rewrap_slot = RewrapSlot::NotTaken;
+    if let Some(cached) = ctx.index.get(&namespace, &name)
+        && cached.revision.resource_version.is_some()
+        && cached.revision.resource_version == object.metadata.resource_version
+    {
+        let keyring = ctx.keyring.current();
+        let duplicate_of =
+            ctx.index
+                .env_name_taken_by(&namespace, &cached.owner, &cached.env_name, &name);
+        match settled(&cached, keyring.as_deref(), duplicate_of) {
+            Cached::Settled(readiness) => return Ok(next_action(&readiness)),
+            // Wait for the rate limit before reading, so a rotation's queued re-wraps do
+            // not read every object twice.
+            Cached::NeedsRewrap => {
+                if let Err(wait) = ctx
+                    .rewrap_limiter
+                    .try_acquire(&super::object_key(object.as_ref()))
+                {
+                    return Ok(Action::requeue(wait));
+                }
+                rewrap_slot = RewrapSlot::Taken;
+            }
+            Cached::Unknown => {}
+        }
+    }
+    let api: kube::Api<AgentSecret> = kube::Api::namespaced(ctx.client.clone(), &namespace);
+    match api.get_opt(&name).await.map_err(Error::Kube)? {
+        Some(full) => reconcile_with(Arc::new(full), ctx, rewrap_slot).await,
+        // Deleted meanwhile: the watch reports it.
+        None => Ok(Action::await_change()),
+    }
+}
+
+/// Whether this reconcile already took a slot of the rotation rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RewrapSlot {
+    NotTaken,
+    Taken,
+}
+
+/// Reconcile one AgentSecret as read from the API server.
+pub async fn reconcile_object(
+    object: Arc<AgentSecret>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    reconcile_with(object, ctx, RewrapSlot::NotTaken).await
+}
+
+async fn reconcile_with(
+    object: Arc<AgentSecret>,
+    ctx: Arc<Context>,
+    rewrap_slot: RewrapSlot,
+) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_default();
     let name = object.name_any();
     let keyring = ctx.keyring.current();
@@ -268,6 +431,7 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
     // waiting for its turn is requeued rather than sleeping in a reconcile slot. Nothing is
     // written meanwhile, so the object is seen afresh when its slot comes.
     if let Some(SpecChange::Rewrap { .. }) = &plan.spec_change
+        && rewrap_slot == RewrapSlot::NotTaken
         && let Err(wait) = ctx
             .rewrap_limiter
             .try_acquire(&super::object_key(object.as_ref()))
@@ -343,7 +507,6 @@ pub async fn reconcile(object: Arc<AgentSecret>, ctx: Arc<Context>) -> Result<Ac
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::SecretString;
     use crate::crypto::SealContext;
     use crate::testing::{self, SEALED_AT};
 
@@ -609,5 +772,130 @@ mod tests {
             next_action(&Readiness::NoKeyring),
             Action::requeue(Duration::from_secs(30))
         );
+    }
+
+    /// `object` with the status a reconcile under `keyring` (with `duplicate_of`) writes.
+    fn written(
+        mut object: AgentSecret,
+        keyring: Option<&Keyring>,
+        duplicate_of: Option<&str>,
+    ) -> AgentSecret {
+        object.status = Some(plan(&object, keyring, duplicate_of.map(Into::into), at(0)).status);
+        object
+    }
+
+    /// What the cache says of `object`, checked against what `plan` would do with it: a
+    /// settled verdict only where the plan writes nothing, with the plan's readiness.
+    fn verdict(
+        object: &AgentSecret,
+        keyring: Option<&Keyring>,
+        duplicate_of: Option<&str>,
+    ) -> Cached {
+        let duplicate_of = duplicate_of.map(String::from);
+        let cached = CachedSecret::from_object(object).unwrap();
+        let verdict = settled(&cached, keyring, duplicate_of.clone());
+        let plan = plan(object, keyring, duplicate_of, at(500));
+        let writes_status =
+            object.status.as_ref().map(AgentSecretStatus::digest) != Some(plan.status.digest());
+        match &verdict {
+            Cached::Settled(readiness) => {
+                assert_eq!(readiness, &plan.readiness);
+                assert_eq!(
+                    plan.spec_change, None,
+                    "settled, yet the plan changes the spec"
+                );
+                assert!(!writes_status, "settled, yet the plan writes a status");
+            }
+            Cached::NeedsRewrap => {
+                assert!(matches!(plan.spec_change, Some(SpecChange::Rewrap { .. })));
+            }
+            Cached::Unknown => {}
+        }
+        verdict
+    }
+
+    #[test]
+    fn the_cache_shows_an_object_settled_exactly_when_a_reconcile_would_write_nothing() {
+        let keyring = keyring();
+        let healthy = written(object(&keyring), Some(&keyring), None);
+        assert_eq!(
+            verdict(&healthy, Some(&keyring), None),
+            Cached::Settled(Readiness::Ready)
+        );
+        // No status yet, or one describing an earlier generation or another readiness.
+        assert_eq!(
+            verdict(&object(&keyring), Some(&keyring), None),
+            Cached::Unknown
+        );
+        let mut edited = healthy.clone();
+        edited.metadata.generation = Some(5);
+        assert_eq!(verdict(&edited, Some(&keyring), None), Cached::Unknown);
+        assert_eq!(
+            verdict(&healthy, Some(&keyring), Some("token-2")),
+            Cached::Unknown
+        );
+        assert_eq!(verdict(&healthy, None, None), Cached::Unknown);
+        // A value sealed again (new seal time, same key) moves valueChangedAt.
+        let mut resealed = healthy.clone();
+        let mut envelope = resealed.spec.sealed.as_ref().unwrap().decode().unwrap();
+        envelope = keyring
+            .seal(b"v2", CTX, envelope.sealed_at.unwrap() + 60)
+            .unwrap();
+        resealed.spec.sealed = Some(SealedValue::encode(&envelope));
+        assert_eq!(verdict(&resealed, Some(&keyring), None), Cached::Unknown);
+
+        // Settled in states other than Ready, once their status is written.
+        let duplicate = written(object(&keyring), Some(&keyring), Some("token-2"));
+        assert_eq!(
+            verdict(&duplicate, Some(&keyring), Some("token-2")),
+            Cached::Settled(Readiness::DuplicateEnvName("token-2".into()))
+        );
+        let other = Keyring::generate("other").unwrap();
+        let missing = written(object(&other), Some(&keyring), None);
+        assert_eq!(
+            verdict(&missing, Some(&keyring), None),
+            Cached::Settled(Readiness::KeyMissing("other".into()))
+        );
+        let without_keyring = written(object(&keyring), None, None);
+        assert_eq!(
+            verdict(&without_keyring, None, None),
+            Cached::Settled(Readiness::NoKeyring)
+        );
+        let mut unsealed = object(&keyring);
+        unsealed.spec.sealed = None;
+        let unsealed = written(unsealed, Some(&keyring), None);
+        assert_eq!(
+            verdict(&unsealed, Some(&keyring), None),
+            Cached::Settled(Readiness::NotSealed)
+        );
+    }
+
+    #[test]
+    fn what_the_cache_does_not_keep_sends_a_reconcile_to_the_object() {
+        let keyring = keyring();
+        // Stored plaintext: the cache keeps only that it is there.
+        let mut plaintext = object(&keyring);
+        plaintext.spec.sealed = None;
+        plaintext.spec.value = Some(SecretString::new("stray".into()));
+        let plaintext = written(plaintext, Some(&keyring), None);
+        assert_eq!(verdict(&plaintext, Some(&keyring), None), Cached::Unknown);
+        // An undecodable sealed value, even with the status a reconcile wrote for it.
+        let mut undecodable = object(&keyring);
+        undecodable.spec.sealed.as_mut().unwrap().nonce = "not base64!".into();
+        let undecodable = written(undecodable, Some(&keyring), None);
+        assert_eq!(verdict(&undecodable, Some(&keyring), None), Cached::Unknown);
+        // A value of the first format is re-sealed.
+        let mut first = object(&keyring);
+        first.spec.sealed = Some(first_format_sealed(&keyring));
+        let first = written(first, Some(&keyring), None);
+        assert_eq!(verdict(&first, Some(&keyring), None), Cached::Unknown);
+    }
+
+    #[test]
+    fn a_value_under_an_old_key_waits_for_a_rewrap_even_when_its_status_is_written() {
+        let mut keyring = keyring();
+        let healthy = written(object(&keyring), Some(&keyring), None);
+        keyring.add_primary("k2").unwrap();
+        assert_eq!(verdict(&healthy, Some(&keyring), None), Cached::NeedsRewrap);
     }
 }

@@ -10,6 +10,7 @@ pub mod rotation;
 use futures::StreamExt as _;
 use futures::future::{BoxFuture, Shared};
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
@@ -269,28 +270,42 @@ pub async fn run_controllers(
     tokio::join!(agentsecrets, pod_secrets);
 }
 
-/// The annotation client-side apply fills with a copy of the whole manifest.
-const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Drop what no reconcile reads before an AgentSecret is stored: its managed fields and the
-/// last-applied copy of its manifest are most of an object as the API server lists it, and the
-/// controller's store holds every AgentSecret of the cluster.
-pub fn strip_for_store(object: &mut AgentSecret) {
-    object.metadata.managed_fields = None;
-    if let Some(annotations) = object.metadata.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED_ANNOTATION);
-        if annotations.is_empty() {
-            object.metadata.annotations = None;
-        }
-    }
+/// Keep only what the AgentSecret controller reads of an object's metadata: its name,
+/// namespace, resourceVersion (to tell whether the webhook's cache holds the same version)
+/// and whether it is being deleted. The store holds one per AgentSecret in the cluster, so
+/// managed fields, annotations (client-side apply's copy of the manifest), labels and the
+/// rest are dropped before it keeps them.
+pub fn strip_for_store(object: &mut PartialObjectMeta<AgentSecret>) {
+    object.types = None;
+    let metadata = std::mem::take(&mut object.metadata);
+    object.metadata = ObjectMeta {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        resource_version: metadata.resource_version,
+        deletion_timestamp: metadata.deletion_timestamp,
+        ..ObjectMeta::default()
+    };
 }
 
 async fn agentsecret_controller(ctx: Arc<Context>, shutdown: Shutdown) {
-    let (reader, writer) = reflector::store::<AgentSecret>();
+    // Reconciles decide from the webhook's cache: until it has listed, every reconcile would
+    // read its object from the API server instead.
+    let synced = async {
+        while !ctx.index.is_synced() {
+            tokio::time::sleep(INDEX_SYNC_POLL).await;
+        }
+    };
+    tokio::select! {
+        () = synced => {}
+        () = shutdown.clone() => return,
+    }
+    // Metadata only: the spec and status are in the webhook's cache, which every replica
+    // keeps anyway; a second, full copy of every AgentSecret is what the leader used to hold.
+    let (reader, writer) = reflector::store::<PartialObjectMeta<AgentSecret>>();
     let objects = reflector(
         writer,
         watcher(
-            kube::Api::<AgentSecret>::all(ctx.client.clone()),
+            kube::Api::<PartialObjectMeta<AgentSecret>>::all(ctx.client.clone()),
             watcher::Config::default(),
         )
         .default_backoff()
@@ -316,7 +331,7 @@ async fn agentsecret_controller(ctx: Arc<Context>, shutdown: Shutdown) {
                 }
                 result
             },
-            |object: Arc<AgentSecret>, error: &Error, ctx: Arc<Context>| {
+            |object: Arc<PartialObjectMeta<AgentSecret>>, error: &Error, ctx: Arc<Context>| {
                 ctx.record("error");
                 let key = object_key(object.as_ref());
                 tracing::warn!(object = key, %error, "AgentSecret reconcile failed; retrying");
@@ -327,6 +342,9 @@ async fn agentsecret_controller(ctx: Arc<Context>, shutdown: Shutdown) {
         .for_each(|_| futures::future::ready(()))
         .await;
 }
+
+/// How often the AgentSecret controller looks whether the webhook's cache has listed.
+const INDEX_SYNC_POLL: Duration = Duration::from_millis(100);
 
 async fn pod_secret_controller(ctx: Arc<Context>, scope: &WatchScope, shutdown: Shutdown) {
     // Metadata only (`Api<PartialObjectMeta<_>>` asks for nothing else): a full watch would
@@ -445,49 +463,39 @@ mod tests {
     use super::*;
     use kube::ResourceExt as _;
 
+    /// The annotation client-side apply fills with a copy of the whole manifest.
+    const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn stored_agentsecrets_lose_managed_fields_and_the_last_applied_manifest_only() {
+    fn stored_agentsecret_metadata_keeps_only_what_a_reconcile_reads() {
         let list: serde_json::Value = serde_json::from_str(include_str!(
             "../../tests/fixtures/api/agentsecrets_list.json"
         ))
         .unwrap();
-        let listed: AgentSecret = serde_json::from_value(list["items"][0].clone()).unwrap();
+        let mut item = list["items"][0].clone();
+        item["metadata"]["deletionTimestamp"] = "2026-11-29T10:00:00Z".into();
+        let listed: PartialObjectMeta<AgentSecret> = serde_json::from_value(item).unwrap();
         assert!(listed.metadata.managed_fields.is_some());
         assert!(listed.annotations().contains_key(LAST_APPLIED_ANNOTATION));
+        assert!(listed.metadata.uid.is_some() && listed.metadata.generation.is_some());
 
         let mut stored = listed.clone();
         strip_for_store(&mut stored);
-        assert_eq!(stored.metadata.managed_fields, None);
-        assert_eq!(stored.metadata.annotations, None);
-        assert_eq!(stored.spec, listed.spec);
-        assert_eq!(stored.status, listed.status);
-        assert_eq!(stored.metadata.uid, listed.metadata.uid);
         assert_eq!(
-            stored.metadata.resource_version,
-            listed.metadata.resource_version
+            stored.metadata,
+            ObjectMeta {
+                name: listed.metadata.name.clone(),
+                namespace: listed.metadata.namespace.clone(),
+                resource_version: listed.metadata.resource_version.clone(),
+                deletion_timestamp: listed.metadata.deletion_timestamp.clone(),
+                ..ObjectMeta::default()
+            }
         );
-        assert_eq!(stored.metadata.generation, listed.metadata.generation);
-
-        // Other annotations stay.
-        let mut annotated = listed;
-        annotated
-            .annotations_mut()
-            .insert("example.com/note".into(), "kept".into());
-        strip_for_store(&mut annotated);
-        assert_eq!(
-            annotated
-                .annotations()
-                .get("example.com/note")
-                .map(String::as_str),
-            Some("kept")
-        );
-        assert!(
-            !annotated
-                .annotations()
-                .contains_key(LAST_APPLIED_ANNOTATION)
-        );
+        assert!(stored.metadata.name.is_some() && stored.metadata.resource_version.is_some());
+        assert!(stored.metadata.deletion_timestamp.is_some());
+        assert_eq!(stored.types, None);
     }
 
     #[tokio::test(start_paused = true)]
