@@ -7,9 +7,10 @@ managedFields, the last-applied annotation and status) with its name, uid, owner
 resourceVersion varied. Plain HTTP on 127.0.0.1, no authentication. It answers what
 `agentsecrets run` asks for and nothing more:
 
-- AgentSecrets: paginated LIST (`limit`/`continue`, a list resourceVersion) and WATCH (held
-  open until `timeoutSeconds`, a BOOKMARK at the start and every 60 s when asked, no changes);
-  status and merge PATCHes are accepted and answered with the object as patched (not stored).
+- AgentSecrets: paginated LIST (`limit`/`continue`, a list resourceVersion), whole or
+  metadata-only (PartialObjectMetadataList), WATCH (held open until `timeoutSeconds`, a
+  BOOKMARK at the start and every 60 s when asked, no changes) and GET by name; status and
+  merge PATCHes are accepted and answered with the object as patched (not stored).
 - Secrets (metadata-only, PartialObjectMetadataList) and Pods: empty LISTs and idle WATCHes.
 - Leases: one in-memory Lease per name (get, create, replace); with --foreign-lease, one held
   by another replica, so the operator never leads and runs no controller (its webhook cache
@@ -202,15 +203,20 @@ def make_handler(state):
 
         # --- AgentSecrets --------------------------------------------------------------
         def agentsecrets(self, query):
+            metadata_only = self.metadata_only()
+            kind, api_version = "AgentSecret", "%s/%s" % (GROUP, VERSION)
+            if metadata_only:
+                kind, api_version = "PartialObjectMetadata", "meta.k8s.io/v1"
+            which = " (metadata)" if metadata_only else ""
             if query.get("watch", ["false"])[0] in ("true", "1"):
-                state.count("agentsecret watch")
+                state.count("agentsecret watch" + which)
                 obj = {
-                    "kind": "AgentSecret",
-                    "apiVersion": "%s/%s" % (GROUP, VERSION),
+                    "kind": kind,
+                    "apiVersion": api_version,
                     "metadata": {"resourceVersion": LIST_RESOURCE_VERSION},
                 }
                 return self.watch(query, obj)
-            state.count("agentsecret list page")
+            state.count("agentsecret list page" + which)
             objects = state.objects
             limit = int(query.get("limit", ["0"])[0] or 0) or objects.count
             start = int(query.get("continue", ["0"])[0] or 0)
@@ -219,11 +225,28 @@ def make_handler(state):
             if end < objects.count:
                 meta["continue"] = str(end)
                 meta["remainingItemCount"] = objects.count - end
-            head = json.dumps(
-                {"apiVersion": "%s/%s" % (GROUP, VERSION), "kind": "AgentSecretList", "metadata": meta}
-            )
-            body = head[:-1] + ',"items":[' + ",".join(objects.text(i) for i in range(start, end)) + "]}"
+            head = json.dumps({"apiVersion": api_version, "kind": kind + "List", "metadata": meta})
+            if metadata_only:
+                # As the API server answers `as=PartialObjectMetadataList`: the whole metadata
+                # (managedFields and annotations included), nothing else.
+                items = (
+                    json.dumps(
+                        {"kind": kind, "apiVersion": api_version, "metadata": json.loads(objects.text(i))["metadata"]},
+                        separators=(",", ":"),
+                    )
+                    for i in range(start, end)
+                )
+            else:
+                items = (objects.text(i) for i in range(start, end))
+            body = head[:-1] + ',"items":[' + ",".join(items) + "]}"
             self.send_json(200, body.encode())
+
+        def agentsecret_get(self, name):
+            state.count("agentsecret get")
+            i = state.objects.index_of(name)
+            if i is None:
+                return self.send_json(404, status(404, "NotFound", "agentsecrets %r not found" % name))
+            self.send_json(200, state.objects.text(i).encode())
 
         def agentsecret_patch(self, name):
             i = state.objects.index_of(name)
@@ -308,6 +331,8 @@ def make_handler(state):
                     rest = rest[2:]
                 if rest == ["agentsecrets"] and method == "GET":
                     return self.agentsecrets(query)
+                if len(rest) == 2 and rest[0] == "agentsecrets" and method == "GET":
+                    return self.agentsecret_get(rest[1])
                 if len(rest) in (2, 3) and rest[0] == "agentsecrets" and method == "PATCH":
                     state.count("agentsecret patch" + (" status" if len(rest) == 3 else ""))
                     return self.agentsecret_patch(rest[1])
