@@ -462,6 +462,96 @@ async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Reconciles decided from the webhook's index
+
+/// The Ready condition's (status, reason) and the resourceVersion of `name`.
+async fn ready_state(api: &Api<AgentSecret>, name: &str) -> (Option<(String, String)>, String) {
+    let object = api.get(name).await.unwrap();
+    let ready = object
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.status.clone(), c.reason.clone()));
+    (ready, object.resource_version().unwrap_or_default())
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn a_settled_agentsecret_is_not_written_again_and_a_stale_status_is_restored() {
+    let client = client().await;
+    install_crd(&client).await;
+    assert_controller_may_run(&client).await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    let api: Api<AgentSecret> = Api::namespaced(client.clone(), &ns);
+    let keyring = Keyring::generate("settled").unwrap();
+    let mut object = agentsecret(&ns, "token", "alice", "X_BEARER_TOKEN");
+    object.spec.sealed = Some(agent_secrets::testing::sealed(
+        &keyring,
+        &ns,
+        "alice",
+        "X_BEARER_TOKEN",
+        &unique("cluster-canary-settled"),
+    ));
+    api.create(&PostParams::default(), &object).await.unwrap();
+    start_controller(
+        &client,
+        &guard,
+        KeyringHandle::new(keyring),
+        20,
+        Duration::from_secs(300),
+    );
+    let sealed = Some(("True".to_owned(), "Sealed".to_owned()));
+    eventually("the AgentSecret Ready", Duration::from_secs(60), || async {
+        match ready_state(&api, "token").await {
+            (ready, _) if ready == sealed => Ok(()),
+            (ready, _) => Err(format!("Ready condition: {ready:?}")),
+        }
+    })
+    .await;
+
+    // Settled: nothing is written while nothing changes, nor when an edit that changes no
+    // decision (an annotation) prompts a reconcile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, settled_version) = ready_state(&api, "token").await;
+    let annotated = api
+        .patch(
+            "token",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"example.com/note": "x"}}})),
+        )
+        .await
+        .unwrap();
+    let annotated_version = annotated.resource_version().unwrap();
+    assert_ne!(annotated_version, settled_version);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        ready_state(&api, "token").await,
+        (sealed.clone(), annotated_version),
+        "the controller wrote to a settled AgentSecret"
+    );
+
+    // A status somebody else wrote is not what the controller would write: restored.
+    api.patch_status(
+        "token",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"conditions": [{
+            "type": "Ready", "status": "False", "reason": "Tampered", "message": "not so",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"
+        }]}})),
+    )
+    .await
+    .unwrap();
+    eventually("the status restored", Duration::from_secs(30), || async {
+        match ready_state(&api, "token").await {
+            (ready, _) if ready == sealed => Ok(()),
+            (ready, _) => Err(format!("Ready condition: {ready:?}")),
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
 // Pod-scoped Secrets
 
 /// `created` is still there with the same resourceVersion and ownerReferences: nothing was
