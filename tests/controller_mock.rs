@@ -599,7 +599,8 @@ fn pod_listing(namespace: &str, pods: Vec<Value>) -> Expect {
     expect(
         Method::GET,
         &format!(
-            "/api/v1/namespaces/{namespace}/pods?&labelSelector=agentsecrets.io%2Fowner%3Dalice"
+            // Unfinished pods only: a finished sandbox keeps no Secret.
+            "/api/v1/namespaces/{namespace}/pods?&fieldSelector=status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed&labelSelector=agentsecrets.io%2Fowner%3Dalice"
         ),
         json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
                "metadata": {"resourceVersion": "20"}, "items": items}),
@@ -857,6 +858,7 @@ async fn deleting_the_last_pod_naming_a_secret_past_its_window_gets_it_collected
 /// One request the controllers made while starting their watches.
 struct Seen {
     path: String,
+    query: String,
     accept: String,
 }
 
@@ -877,6 +879,7 @@ async fn serve_watches(
         let (request, send) = next.unwrap();
         seen.push(Seen {
             path: request.uri().path().to_owned(),
+            query: request.uri().query().unwrap_or_default().to_owned(),
             accept: request
                 .headers()
                 .get(http::header::ACCEPT)
@@ -940,6 +943,15 @@ async fn with_sandbox_namespaces_secrets_and_pods_are_watched_only_there() {
         !paths.contains(&"/api/v1/secrets") && !paths.contains(&"/api/v1/pods"),
         "Secrets or pods watched cluster-wide: {paths:?}"
     );
+    // Finished pods leave the pod watch, as deleted ones do.
+    for pods in seen.iter().filter(|s| s.path.ends_with("/pods")) {
+        assert!(
+            pods.query
+                .contains("fieldSelector=status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed"),
+            "pods watched without the unfinished-phase selector: {}",
+            pods.query
+        );
+    }
     // Graceful shutdown is not what this checks: stop at once.
     running.abort();
     let _ = running.await;

@@ -359,14 +359,16 @@ async fn pod_secret_controller(ctx: Arc<Context>, scope: &WatchScope, shutdown: 
         .default_backoff(),
     )
     .applied_objects();
-    // Which sandbox pods name which Secret, from the same metadata-only watch that prompts
-    // the reconciles, reduced to what the collector reads before it is stored.
+    // Which unfinished sandbox pods name which Secret, from the same metadata-only watch that
+    // prompts the reconciles, reduced to what the collector reads before it is stored.
     let (pod_store, pod_writer) = reflector::store::<PartialObjectMeta<Pod>>();
     let pods = reflector(
         pod_writer,
         watcher(
             scope.api::<PartialObjectMeta<Pod>>(ctx.client.clone()),
-            watcher::Config::default().labels(OWNER_LABEL),
+            watcher::Config::default()
+                .labels(OWNER_LABEL)
+                .fields(podsecret::UNFINISHED_PODS),
         )
         .default_backoff()
         .modify(podsecret::strip_pod_for_store),

@@ -24,6 +24,12 @@ use crate::api::{OWNER_LABEL, POD_SECRET_IN_FLIGHT, SECRET_NAME_ANNOTATION};
 /// The sandbox pods of one watch scope, as much of their metadata as the collector reads.
 pub type PodStore = Store<PartialObjectMeta<Pod>>;
 
+/// Field selector of the pods that may still use their Secret: a pod that has finished
+/// (Succeeded or Failed, terminal phases: its containers never start again) leaves the pod
+/// watch as if deleted, so a finished sandbox that nobody deletes does not keep its owner's
+/// plaintext in the namespace.
+pub const UNFINISHED_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
 /// What a pod-scoped Secret needs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SecretAction {
@@ -210,7 +216,11 @@ pub async fn reconcile<S: Resource<DynamicType = ()>>(
     if let Some(owner) = secret.labels().get(OWNER_LABEL) {
         let pods: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &namespace);
         let listed = pods
-            .list_metadata(&ListParams::default().labels(&format!("{OWNER_LABEL}={owner}")))
+            .list_metadata(
+                &ListParams::default()
+                    .labels(&format!("{OWNER_LABEL}={owner}"))
+                    .fields(UNFINISHED_PODS),
+            )
             .await
             .map_err(Error::Kube)?;
         if listed

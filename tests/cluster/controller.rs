@@ -651,6 +651,51 @@ async fn a_shared_secret_outlives_its_window_until_the_last_pod_naming_it_is_del
 
 #[tokio::test]
 #[ignore = "needs cluster"]
+async fn a_finished_sandbox_nobody_deletes_does_not_keep_its_secret() {
+    let client = client().await;
+    install_crd(&client).await;
+    assert_controller_may_run(&client).await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    ensure_default_service_account(&client, &ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    let name = "asec-pod-finished-1";
+    let value = unique("cluster-canary-finished");
+    let created = create_secret(
+        &secrets,
+        &pod_scoped_secret(name, "alice", Some(seconds_from_now(-600)), &value),
+    )
+    .await;
+    create_pod(&pods, &sandbox_pod_naming("sandbox-alice", "alice", name)).await;
+    start_controller(
+        &client,
+        &guard,
+        KeyringHandle::new(Keyring::generate("finished-test").unwrap()),
+        20,
+        Duration::from_secs(300),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_untouched(&secrets, &created).await;
+
+    // The sandbox finishes (as the kubelet reports it) and stays: its Secret goes.
+    pods.patch_status(
+        "sandbox-alice",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+    )
+    .await
+    .unwrap();
+    wait_until_gone(&secrets, name, Duration::from_secs(20)).await;
+    assert!(
+        pods.get_opt("sandbox-alice").await.unwrap().is_some(),
+        "the finished pod itself is left alone"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
 async fn pod_scoped_secrets_no_live_pod_names_are_deleted_once_their_window_and_margin_pass() {
     const WINDOW: Duration = Duration::from_secs(3);
     let client = client().await;
