@@ -61,7 +61,12 @@ fn read(path: &str) -> String {
 }
 
 fn manifests() -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(&read("manifests/agent-secrets.yaml"))
+    documents("manifests/agent-secrets.yaml")
+}
+
+/// The YAML documents of the file at `path`.
+fn documents(path: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(&read(path))
         .map(|document| serde_yaml::Value::deserialize(document).unwrap())
         .filter(|v| !v.is_null())
         .map(|v| serde_json::to_value(v).unwrap())
@@ -123,13 +128,21 @@ fn as_kube_cel_sees_map_keys(expression: &str) -> String {
     for key in [OWNER_LABEL, SECRET_NAME_ANNOTATION, POD_SCOPED_LABEL] {
         out = out.replace(&format!("'{key}'"), &format!("'{}'", escape(key)));
     }
+    // The narrowed webhook selector's label keys, which the chart writes as JSON strings.
+    for key in NARROWED_LABEL_KEYS {
+        out = out.replace(&format!("\"{key}\""), &format!("\"{}\"", escape(key)));
+    }
     out
 }
 
 /// The shipped policy whose name ends with `suffix`, with `overrides` replacing the
 /// expressions of some variables (e.g. a list of administrators the manifests leave empty).
 fn policy_with(suffix: &str, overrides: &[(&str, &str)]) -> Policy {
-    let docs = manifests();
+    policy_in(&manifests(), suffix, overrides)
+}
+
+/// The policy whose name ends with `suffix` among `docs`, as [`policy_with`].
+fn policy_in(docs: &[Value], suffix: &str, overrides: &[(&str, &str)]) -> Policy {
     let object = docs
         .iter()
         .find(|d| {
@@ -138,7 +151,7 @@ fn policy_with(suffix: &str, overrides: &[(&str, &str)]) -> Policy {
                     .as_str()
                     .is_some_and(|n| n.ends_with(suffix))
         })
-        .unwrap_or_else(|| panic!("no ValidatingAdmissionPolicy *{suffix} in manifests/"));
+        .unwrap_or_else(|| panic!("no ValidatingAdmissionPolicy *{suffix}"));
     let name = object["metadata"]["name"].as_str().unwrap().to_owned();
     let spec = &object["spec"];
     let mut variables: Vec<(String, String)> = Vec::new();
@@ -196,6 +209,25 @@ fn policy(suffix: &str) -> Policy {
 
 fn pods_policy() -> Policy {
     policy("-pod-secret-references")
+}
+
+/// The label keys of the webhook.objectSelector `tests/rendered/narrowed-webhook-policies.yaml`
+/// was rendered with (`NARROWED_VALUES` in hack/helm.py).
+const NARROWED_LABEL_KEYS: [&str; 5] = [
+    "sandbox.example.com/runtime",
+    "sandbox.example.com/tier",
+    "sandbox.example.com/legacy",
+    "sandbox.example.com/pool",
+    "sandbox.example.com/excluded",
+];
+
+/// The pod reference policy as rendered with a narrowed webhook.objectSelector.
+fn narrowed_pods_policy() -> Policy {
+    policy_in(
+        &documents("tests/rendered/narrowed-webhook-policies.yaml"),
+        "-pod-secret-references",
+        &[],
+    )
 }
 
 fn secrets_policy() -> Policy {
@@ -694,6 +726,103 @@ fn labelled_pod_annotated_with_the_secret_it_uses_is_allowed() {
     let pod = with_volume(pod, json!({"name": "own", "secret": {"secretName": name}}));
     let decision = pods_policy().decide(pod_request(&recorded, "CREATE"), pod, None);
     assert_eq!(decision, Decision::Allowed);
+}
+
+/// A labelled sandbox pod annotated with and using its pod-scoped Secret, with `labels` added.
+fn own_secret_pod_labelled(labels: &[(&str, &str)]) -> (Value, Value, String) {
+    let (recorded, mut pod) = recorded_pod();
+    for (key, value) in labels {
+        pod["metadata"]["labels"][*key] = json!(value);
+    }
+    let name = pod_secret("k3j5abcdefghijklmnopqrstuv");
+    let pod = with_env(annotated(pod, &name), env_secret_key_ref(&name));
+    (recorded, pod, name)
+}
+
+/// Labels that match the narrowed selector: its label, an allowed tier, a pool.
+const CALLED: [(&str, &str); 3] = [
+    ("sandbox.example.com/runtime", "gvisor"),
+    ("sandbox.example.com/tier", "agents"),
+    ("sandbox.example.com/pool", "p1"),
+];
+
+#[test]
+fn with_a_narrowed_webhook_selector_a_pod_it_selects_uses_its_secret() {
+    let (recorded, pod, _) = own_secret_pod_labelled(&CALLED);
+    let decision = narrowed_pods_policy().decide(pod_request(&recorded, "CREATE"), pod, None);
+    assert_eq!(decision, Decision::Allowed);
+    // NotIn matches another value as it matches no value.
+    let mut labels = CALLED.to_vec();
+    labels.push(("sandbox.example.com/legacy", "false"));
+    let (recorded, pod, _) = own_secret_pod_labelled(&labels);
+    let decision = narrowed_pods_policy().decide(pod_request(&recorded, "CREATE"), pod, None);
+    assert_eq!(decision, Decision::Allowed);
+}
+
+#[test]
+fn with_a_narrowed_webhook_selector_a_pod_the_webhook_never_sees_uses_no_pod_scoped_secret() {
+    // Each way of falling outside the selector: the webhook never checked that the annotated
+    // name is the owner's, so the name could be another owner's, copied from a sibling pod.
+    let without = |key: &str| -> Vec<(&str, &str)> {
+        CALLED.iter().copied().filter(|(k, _)| *k != key).collect()
+    };
+    let with = |key: &'static str, value: &'static str| -> Vec<(&str, &str)> {
+        let mut labels: Vec<(&str, &str)> =
+            CALLED.iter().copied().filter(|(k, _)| *k != key).collect();
+        labels.push((key, value));
+        labels
+    };
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        (
+            "matchLabels key missing",
+            without("sandbox.example.com/runtime"),
+        ),
+        (
+            "matchLabels value differs",
+            with("sandbox.example.com/runtime", "runc"),
+        ),
+        ("In: key missing", without("sandbox.example.com/tier")),
+        (
+            "In: value not listed",
+            with("sandbox.example.com/tier", "system"),
+        ),
+        (
+            "NotIn: value listed",
+            with("sandbox.example.com/legacy", "true"),
+        ),
+        ("Exists: key missing", without("sandbox.example.com/pool")),
+        (
+            "DoesNotExist: key present",
+            with("sandbox.example.com/excluded", ""),
+        ),
+    ];
+    for (case, labels) in cases {
+        let (recorded, pod, name) = own_secret_pod_labelled(&labels);
+        let decision = narrowed_pods_policy().decide(pod_request(&recorded, "CREATE"), pod, None);
+        let refusal = decision.refusal();
+        assert!(refusal.contains(&name), "{case}: {refusal}");
+        assert!(
+            refusal.contains("matches the pod selector of the agent-secrets webhook"),
+            "{case}: {refusal}"
+        );
+    }
+}
+
+#[test]
+fn without_a_narrowed_webhook_selector_the_rule_names_no_selector() {
+    let (recorded, pod) = recorded_pod();
+    let pod = with_env(
+        annotated(pod, &pod_secret("mine")),
+        env_secret_key_ref(&pod_secret("bobs")),
+    );
+    let refusal = pods_policy()
+        .decide(pod_request(&recorded, "CREATE"), pod, None)
+        .refusal();
+    assert!(!refusal.contains("selector"), "{refusal}");
+    assert!(
+        refusal.contains("labelled agentsecrets.io/owner and annotated"),
+        "{refusal}"
+    );
 }
 
 #[test]

@@ -238,6 +238,36 @@ CEL: whether a container (`c`) mounts the secretless proxy's feed token.
 (has(c.volumeMounts) && c.volumeMounts.exists(m, m.name == 'agentsecrets-feed-token'))
 {{- end }}
 
+{{/*
+CEL: whether the pod `object` matches webhook.objectSelector (the requirements it adds to the
+chart's own owner-label selector), i.e. whether the pod webhook is called for it once labelled;
+`true` when it adds none. Label selector semantics: NotIn and DoesNotExist match a pod without
+the key. Keys and values are written as JSON strings, which CEL reads as the same strings.
+*/}}
+{{- define "agent-secrets.cel.webhookCallsPod" -}}
+{{- $terms := list }}
+{{- $selector := .Values.webhook.objectSelector }}
+{{- range $key, $value := ($selector.matchLabels | default dict) }}
+{{- $terms = append $terms (printf "(%s in object.metadata.labels && object.metadata.labels[%s] == %s)" (toJson $key) (toJson $key) (toJson (toString $value))) }}
+{{- end }}
+{{- range ($selector.matchExpressions | default list) }}
+{{- $has := printf "%s in object.metadata.labels" (toJson .key) }}
+{{- $label := printf "object.metadata.labels[%s]" (toJson .key) }}
+{{- if eq .operator "In" }}
+{{- $terms = append $terms (printf "(%s && %s in %s)" $has $label (toJson .values)) }}
+{{- else if eq .operator "NotIn" }}
+{{- $terms = append $terms (printf "(!(%s) || !(%s in %s))" $has $label (toJson .values)) }}
+{{- else if eq .operator "Exists" }}
+{{- $terms = append $terms (printf "(%s)" $has) }}
+{{- else if eq .operator "DoesNotExist" }}
+{{- $terms = append $terms (printf "!(%s)" $has) }}
+{{- else }}
+{{- fail (printf "webhook.objectSelector: unknown operator %q" .operator) }}
+{{- end }}
+{{- end }}
+{{- if $terms }}({{ join " && " $terms }}){{ else }}true{{ end }}
+{{- end }}
+
 {{- define "agent-secrets.cel.secretNameAnnotation" -}}
 ({{ . }} != null && has({{ . }}.metadata.annotations) && 'agentsecrets.io/secret-name' in {{ . }}.metadata.annotations ? {{ . }}.metadata.annotations['agentsecrets.io/secret-name'] : '')
 {{- end }}
