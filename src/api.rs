@@ -598,17 +598,29 @@ impl AgentSecretStatus {
         use std::hash::{Hash as _, Hasher as _};
         // SipHash with fixed keys: the digest is compared within one process only.
         let mut hasher = std::hash::DefaultHasher::new();
-        self.conditions.len().hash(&mut hasher);
-        for condition in &self.conditions {
-            condition.type_.hash(&mut hasher);
-            condition.status.hash(&mut hasher);
-            condition.reason.hash(&mut hasher);
-            condition.message.hash(&mut hasher);
-            condition.observed_generation.hash(&mut hasher);
+        // Destructured, so a field added to the status or a condition cannot be left out of
+        // the digest unnoticed (an object differing only there would never be rewritten).
+        let Self {
+            conditions,
+            key_id,
+            observed_generation,
+            value_changed_at,
+        } = self;
+        conditions.len().hash(&mut hasher);
+        for condition in conditions {
+            let Condition {
+                type_,
+                status,
+                reason,
+                message,
+                observed_generation,
+                last_transition_time: _,
+            } = condition;
+            (type_, status, reason, message, observed_generation).hash(&mut hasher);
         }
-        self.key_id.hash(&mut hasher);
-        self.observed_generation.hash(&mut hasher);
-        self.value_changed_at
+        key_id.hash(&mut hasher);
+        observed_generation.hash(&mut hasher);
+        value_changed_at
             .as_ref()
             .map(|t| (t.0.as_second(), t.0.subsec_nanosecond()))
             .hash(&mut hasher);

@@ -289,21 +289,41 @@ fn the_feed_port_and_its_rbac_match_what_the_binary_serves_and_calls() {
     assert_eq!(exposed["port"], 8444);
     assert_eq!(exposed["targetPort"], "feed");
 
-    let cluster_role = named(&docs, "ClusterRole", "agent-secrets");
-    let rules = cluster_role["rules"].as_sequence().unwrap();
-    let granted = |group: &str, resource: &str| -> Vec<String> {
-        rules
-            .iter()
-            .filter(|r| {
-                r["apiGroups"] == Value::from(vec![group])
-                    && r["resources"] == Value::from(vec![resource])
-            })
-            .flat_map(|r| r["verbs"].as_sequence().unwrap().iter())
-            .map(|v| v.as_str().unwrap().to_owned())
-            .collect()
-    };
+    let granted = |group, resource| cluster_role_verbs(&docs, group, resource);
     assert_eq!(granted("authentication.k8s.io", "tokenreviews"), ["create"]);
     assert_eq!(granted("", "pods"), ["list", "watch", "get"]);
+}
+
+/// The verbs the operator's ClusterRole grants on `resource` of `group`.
+fn cluster_role_verbs(docs: &[Value], group: &str, resource: &str) -> Vec<String> {
+    let cluster_role = named(docs, "ClusterRole", "agent-secrets");
+    cluster_role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["apiGroups"] == Value::from(vec![group])
+                && r["resources"] == Value::from(vec![resource])
+        })
+        .flat_map(|r| r["verbs"].as_sequence().unwrap().iter())
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The controller reads an AgentSecret its cache cannot vouch for (get), watches them all and
+/// patches re-wrapped or sealed values and statuses; users own their AgentSecrets, so nothing
+/// creates, updates or deletes one.
+#[test]
+fn the_operator_may_read_watch_and_patch_agentsecrets_only() {
+    let docs = documents(&read("manifests/agent-secrets.yaml"));
+    assert_eq!(
+        cluster_role_verbs(&docs, "agentsecrets.io", "agentsecrets"),
+        ["get", "list", "watch", "patch"]
+    );
+    assert_eq!(
+        cluster_role_verbs(&docs, "agentsecrets.io", "agentsecrets/status"),
+        ["patch"]
+    );
 }
 
 /// `helm test` posts charts/agent-secrets/files/helm-test-review.json to /mutate/pods over TLS

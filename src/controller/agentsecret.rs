@@ -805,6 +805,8 @@ mod tests {
                     "settled, yet the plan changes the spec"
                 );
                 assert!(!writes_status, "settled, yet the plan writes a status");
+                // The whole status, not only its digest: what the full reconcile compares.
+                assert_eq!(object.status.as_ref(), Some(&plan.status));
             }
             Cached::NeedsRewrap => {
                 assert!(matches!(plan.spec_change, Some(SpecChange::Rewrap { .. })));
@@ -873,11 +875,16 @@ mod tests {
     #[test]
     fn what_the_cache_does_not_keep_sends_a_reconcile_to_the_object() {
         let keyring = keyring();
-        // Stored plaintext: the cache keeps only that it is there.
-        let mut plaintext = object(&keyring);
-        plaintext.spec.sealed = None;
+        // Stored plaintext next to a sealed value, with the status of the sealed value alone:
+        // only the cache's plaintext flag tells it from a settled object (the value itself is
+        // not kept).
+        let sealed = written(object(&keyring), Some(&keyring), None);
+        let mut plaintext = sealed.clone();
         plaintext.spec.value = Some(SecretString::new("stray".into()));
-        let plaintext = written(plaintext, Some(&keyring), None);
+        assert_eq!(
+            verdict(&sealed, Some(&keyring), None),
+            Cached::Settled(Readiness::Ready)
+        );
         assert_eq!(verdict(&plaintext, Some(&keyring), None), Cached::Unknown);
         // An undecodable sealed value, even with the status a reconcile wrote for it.
         let mut undecodable = object(&keyring);

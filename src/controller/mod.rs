@@ -271,10 +271,10 @@ pub async fn run_controllers(
 }
 
 /// Keep only what the AgentSecret controller reads of an object's metadata: its name,
-/// namespace, resourceVersion (to tell whether the webhook's cache holds the same version)
-/// and whether it is being deleted. The store holds one per AgentSecret in the cluster, so
-/// managed fields, annotations (client-side apply's copy of the manifest), labels and the
-/// rest are dropped before it keeps them.
+/// namespace and resourceVersion (to tell whether the webhook's cache holds the same
+/// version; an object being deleted is not in that cache, so it is read whole). The store
+/// holds one per AgentSecret in the cluster, so managed fields, annotations (client-side
+/// apply's copy of the manifest), labels and the rest are dropped before it keeps them.
 pub fn strip_for_store(object: &mut PartialObjectMeta<AgentSecret>) {
     object.types = None;
     let metadata = std::mem::take(&mut object.metadata);
@@ -282,7 +282,6 @@ pub fn strip_for_store(object: &mut PartialObjectMeta<AgentSecret>) {
         name: metadata.name,
         namespace: metadata.namespace,
         resource_version: metadata.resource_version,
-        deletion_timestamp: metadata.deletion_timestamp,
         ..ObjectMeta::default()
     };
 }
@@ -291,8 +290,17 @@ async fn agentsecret_controller(ctx: Arc<Context>, shutdown: Shutdown) {
     // Reconciles decide from the webhook's cache: until it has listed, every reconcile would
     // read its object from the API server instead.
     let synced = async {
+        let started = Instant::now();
+        let mut warned = Duration::ZERO;
         while !ctx.index.is_synced() {
             tokio::time::sleep(INDEX_SYNC_POLL).await;
+            if started.elapsed() >= warned + INDEX_SYNC_WARNING {
+                warned = started.elapsed();
+                tracing::warn!(
+                    waited = ?warned,
+                    "the AgentSecret controller waits for the AgentSecret cache to list"
+                );
+            }
         }
     };
     tokio::select! {
@@ -345,6 +353,8 @@ async fn agentsecret_controller(ctx: Arc<Context>, shutdown: Shutdown) {
 
 /// How often the AgentSecret controller looks whether the webhook's cache has listed.
 const INDEX_SYNC_POLL: Duration = Duration::from_millis(100);
+/// How often it says that it is still waiting.
+const INDEX_SYNC_WARNING: Duration = Duration::from_secs(30);
 
 async fn pod_secret_controller(ctx: Arc<Context>, scope: &WatchScope, shutdown: Shutdown) {
     // Metadata only (`Api<PartialObjectMeta<_>>` asks for nothing else): a full watch would
@@ -476,9 +486,8 @@ mod tests {
             "../../tests/fixtures/api/agentsecrets_list.json"
         ))
         .unwrap();
-        let mut item = list["items"][0].clone();
-        item["metadata"]["deletionTimestamp"] = "2026-11-29T10:00:00Z".into();
-        let listed: PartialObjectMeta<AgentSecret> = serde_json::from_value(item).unwrap();
+        let listed: PartialObjectMeta<AgentSecret> =
+            serde_json::from_value(list["items"][0].clone()).unwrap();
         assert!(listed.metadata.managed_fields.is_some());
         assert!(listed.annotations().contains_key(LAST_APPLIED_ANNOTATION));
         assert!(listed.metadata.uid.is_some() && listed.metadata.generation.is_some());
@@ -491,12 +500,10 @@ mod tests {
                 name: listed.metadata.name.clone(),
                 namespace: listed.metadata.namespace.clone(),
                 resource_version: listed.metadata.resource_version.clone(),
-                deletion_timestamp: listed.metadata.deletion_timestamp.clone(),
                 ..ObjectMeta::default()
             }
         );
         assert!(stored.metadata.name.is_some() && stored.metadata.resource_version.is_some());
-        assert!(stored.metadata.deletion_timestamp.is_some());
         assert_eq!(stored.types, None);
     }
 

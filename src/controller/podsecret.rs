@@ -113,8 +113,8 @@ where
     }
 }
 
-/// The pod-scoped Secret a sandbox pod names: a pod's deletion (or its deletion starting) may
-/// leave that Secret to collect.
+/// The pod-scoped Secret a sandbox pod names: a pod's deletion (or its deletion starting), or
+/// its finish, may leave that Secret to collect.
 pub fn secret_of_pod<S: Resource<DynamicType = ()>>(pod: &impl Resource) -> Option<ObjectRef<S>> {
     let name = pod.annotations().get(SECRET_NAME_ANNOTATION)?;
     let namespace = pod.namespace()?;

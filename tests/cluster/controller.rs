@@ -668,7 +668,9 @@ async fn a_finished_sandbox_nobody_deletes_does_not_keep_its_secret() {
         &pod_scoped_secret(name, "alice", Some(seconds_from_now(-600)), &value),
     )
     .await;
-    create_pod(&pods, &sandbox_pod_naming("sandbox-alice", "alice", name)).await;
+    for pod in ["sandbox-alice-1", "sandbox-alice-2"] {
+        create_pod(&pods, &sandbox_pod_naming(pod, "alice", name)).await;
+    }
     start_controller(
         &client,
         &guard,
@@ -679,19 +681,31 @@ async fn a_finished_sandbox_nobody_deletes_does_not_keep_its_secret() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_untouched(&secrets, &created).await;
 
-    // The sandbox finishes (as the kubelet reports it) and stays: its Secret goes.
-    pods.patch_status(
-        "sandbox-alice",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
-    )
-    .await
-    .unwrap();
+    // The sandboxes finish (as the kubelet reports it) and stay. While one has not, the Secret
+    // stays; once both have, in either terminal phase, it goes.
+    let finish = |pod: &'static str, phase: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.patch_status(
+                pod,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": phase}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    finish("sandbox-alice-1", "Succeeded").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_untouched(&secrets, &created).await;
+    finish("sandbox-alice-2", "Failed").await;
     wait_until_gone(&secrets, name, Duration::from_secs(20)).await;
-    assert!(
-        pods.get_opt("sandbox-alice").await.unwrap().is_some(),
-        "the finished pod itself is left alone"
-    );
+    for pod in ["sandbox-alice-1", "sandbox-alice-2"] {
+        assert!(
+            pods.get_opt(pod).await.unwrap().is_some(),
+            "the finished pod {pod} itself is left alone"
+        );
+    }
 }
 
 #[tokio::test]
