@@ -36,6 +36,10 @@ const PREFIX: &str = POD_SECRET_NAME_PREFIX;
 /// The operator's username in the rendered manifests, replaced by the test's own.
 const SHIPPED_OPERATOR: &str = "system:serviceaccount:agent-secrets:agent-secrets";
 const OPERATOR_ACCOUNT: &str = "operator";
+/// The policies as shipped.
+const SHIPPED: &str = "manifests/agent-secrets.yaml";
+/// The policies as rendered with a narrowed webhook.objectSelector (see hack/helm.py).
+const NARROWED: &str = "tests/rendered/narrowed-webhook-policies.yaml";
 
 // ---------------------------------------------------------------------------------------
 // Harness
@@ -111,6 +115,11 @@ struct Tenancy {
 
 impl Tenancy {
     async fn set_up(guard: &mut Guard, policies: &mut PolicyGuard) -> Self {
+        Self::set_up_from(SHIPPED, guard, policies).await
+    }
+
+    /// As [`Tenancy::set_up`], with the policies of `rendered` (a path in the repository).
+    async fn set_up_from(rendered: &str, guard: &mut Guard, policies: &mut PolicyGuard) -> Self {
         let admin = client().await;
         install_crd(&admin).await;
         assert_no_foreign_agentsecret_webhook(&admin).await;
@@ -125,7 +134,7 @@ impl Tenancy {
             .await
             .unwrap();
         grant_edit_rights(&admin, &ns).await;
-        let policy_names = apply_policies(&admin, &ns, policies).await;
+        let policy_names = apply_policies(&admin, &ns, rendered, policies).await;
         let tenancy = Self {
             ns,
             admin,
@@ -254,16 +263,15 @@ async fn grant_edit_rights(admin: &Client, ns: &str) {
 async fn apply_policies(
     admin: &Client,
     ns: &str,
+    rendered: &str,
     guard: &mut PolicyGuard,
 ) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/manifests/agent-secrets.yaml"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rendered))
+            .unwrap();
     assert!(
         text.contains(SHIPPED_OPERATOR),
-        "the manifests no longer name the operator {SHIPPED_OPERATOR}"
+        "{rendered} no longer names the operator {SHIPPED_OPERATOR}"
     );
     let operator = format!("system:serviceaccount:{ns}:{OPERATOR_ACCOUNT}");
     let text = text.replace(SHIPPED_OPERATOR, &operator);
@@ -312,7 +320,7 @@ async fn apply_policies(
             _ => {}
         }
     }
-    assert_eq!(names.len(), 3, "expected three policies in manifests/");
+    assert_eq!(names.len(), 3, "expected three policies in {rendered}");
     names
 }
 
@@ -565,6 +573,51 @@ async fn pod_labelled_and_annotated_for_another_pods_secret_is_refused() {
         .insert(SECRET_NAME_ANNOTATION.to_owned(), mine);
     as_mallory
         .create(&PostParams::default(), &own)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn with_a_narrowed_webhook_selector_a_pod_outside_it_uses_no_pod_scoped_secret() {
+    let mut guard = Guard::default();
+    let mut policies = PolicyGuard::default();
+    let tenancy = Tenancy::set_up_from(NARROWED, &mut guard, &mut policies).await;
+    let ns = &tenancy.ns;
+    let policy = tenancy.policy("-pod-secret-references").to_owned();
+    let as_mallory: Api<Pod> = Api::namespaced(tenancy.as_user("mallory").await, ns);
+    let name = format!("{PREFIX}copied");
+    let annotated_pod = |pod_name: &str, labels: &[(&str, &str)]| {
+        let mut pod = referencing(
+            sandbox_pod(pod_name, Some("mallory")),
+            "env secretKeyRef",
+            &name,
+        );
+        pod.annotations_mut()
+            .insert(SECRET_NAME_ANNOTATION.to_owned(), name.clone());
+        for (key, value) in labels {
+            pod.labels_mut()
+                .insert((*key).to_owned(), (*value).to_owned());
+        }
+        pod
+    };
+    // Labelled and annotated with the name it uses, but not selected by the webhook (no
+    // runtime label): the webhook never checked its claim, so it may use no such Secret.
+    let message = refused_by(
+        as_mallory
+            .create(&PostParams::default(), &annotated_pod("unseen", &[]))
+            .await,
+        &policy,
+    );
+    assert!(message.contains(&name), "{message}");
+    // Selected by the webhook's selector: admitted (no webhook runs here).
+    let selected = [
+        ("sandbox.example.com/runtime", "gvisor"),
+        ("sandbox.example.com/tier", "agents"),
+        ("sandbox.example.com/pool", "p1"),
+    ];
+    as_mallory
+        .create(&PostParams::default(), &annotated_pod("seen", &selected))
         .await
         .unwrap();
 }
