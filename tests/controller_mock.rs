@@ -31,6 +31,11 @@ fn event_expectation(reason: &'static str, event_type: &'static str) -> Expect {
     )
 }
 
+/// The API server's answer to a failed request.
+fn failure(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": reason, "reason": reason, "code": code})
+}
+
 const OBJECT_PATH: &str = "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token?";
 const STATUS_PATH: &str = "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token/status?&force=true&fieldManager=agent-secrets";
 
@@ -49,18 +54,31 @@ fn agent_secret(keyring: &Keyring) -> AgentSecret {
     object
 }
 
+/// Await `call` while the mocked API server serves and checks `expected`.
+async fn verified<T>(
+    handle: ApiServerHandle,
+    expected: Vec<Expect>,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    let verifier = tokio::spawn(verify(handle, expected));
+    let result = call.await;
+    verifier.await.unwrap();
+    result
+}
+
 async fn run_reconcile(
     object: AgentSecret,
     ctx: Arc<Context>,
     handle: ApiServerHandle,
     expected: Vec<Expect>,
 ) -> Action {
-    let verifier = tokio::spawn(verify(handle, expected));
-    let action = agentsecret::reconcile_object(Arc::new(object), ctx)
-        .await
-        .unwrap();
-    verifier.await.unwrap();
-    action
+    verified(
+        handle,
+        expected,
+        agentsecret::reconcile_object(Arc::new(object), ctx),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -326,16 +344,14 @@ async fn a_transient_api_error_fails_the_reconcile_for_a_retry() {
     let keyring = Keyring::generate("k1").unwrap();
     let object = agent_secret(&keyring);
     let (ctx, handle) = context(keyring);
-    let failing = expect(
-        Method::PATCH,
-        STATUS_PATH,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd timeout", "reason": "Timeout", "code": 504}),
-        |_| {},
+    let failing =
+        expect(Method::PATCH, STATUS_PATH, failure(504, "Timeout"), |_| {}).with_status(504);
+    let result = verified(
+        handle,
+        vec![failing],
+        agentsecret::reconcile_object(Arc::new(object), ctx),
     )
-    .with_status(504);
-    let verifier = tokio::spawn(verify(handle, vec![failing]));
-    let result = agentsecret::reconcile_object(Arc::new(object), ctx).await;
-    verifier.await.unwrap();
+    .await;
     assert!(result.is_err());
 }
 
@@ -371,12 +387,13 @@ async fn reconcile_metadata(
 ) -> Action {
     ctx.index
         .replace_all(cached.and_then(agent_secrets::cache::CachedSecret::from_object));
-    let verifier = tokio::spawn(verify(handle, expected));
-    let action = agentsecret::reconcile(stored_metadata(listed), ctx)
-        .await
-        .unwrap();
-    verifier.await.unwrap();
-    action
+    verified(
+        handle,
+        expected,
+        agentsecret::reconcile(stored_metadata(listed), ctx),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -427,13 +444,7 @@ async fn a_secret_deleted_before_it_is_read_is_left_to_the_watch() {
     let keyring = Keyring::generate("k1").unwrap();
     let object = agent_secret(&keyring);
     let (ctx, handle) = context(keyring);
-    let gone = expect(
-        Method::GET,
-        GET_PATH,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
-        |_| {},
-    )
-    .with_status(404);
+    let gone = expect(Method::GET, GET_PATH, failure(404, "NotFound"), |_| {}).with_status(404);
     let action = reconcile_metadata(&object, Some(&object), ctx, handle, vec![gone]).await;
     assert_eq!(action, Action::await_change());
 }
@@ -627,12 +638,14 @@ fn secret_deletion(namespace: &str) -> Expect {
 /// the API server expecting exactly `expected`.
 async fn collect(until: &str, pods: &[Value], expected: Vec<Expect>) -> Action {
     let (ctx, handle) = context(Keyring::generate("k1").unwrap());
-    let verifier = tokio::spawn(verify(handle, expected));
-    let action = podsecret::reconcile(Arc::new(pod_secret(until)), ctx, &pod_store(pods))
-        .await
-        .unwrap();
-    verifier.await.unwrap();
-    action
+    let store = pod_store(pods);
+    verified(
+        handle,
+        expected,
+        podsecret::reconcile(Arc::new(pod_secret(until)), ctx, &store),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -685,7 +698,7 @@ async fn a_secret_deleted_meanwhile_is_not_reported_collected() {
     let gone = expect(
         Method::DELETE,
         SECRET_PATH,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        failure(404, "NotFound"),
         |_| {},
     )
     .with_status(404);

@@ -82,6 +82,17 @@ async fn assert_controller_may_run(client: &Client) {
     }
 }
 
+/// A client, and a test namespace (deleted when the guard drops) on a cluster where the
+/// controller may run.
+async fn controller_namespace() -> (Client, Guard, String) {
+    let client = client().await;
+    install_crd(&client).await;
+    assert_controller_may_run(&client).await;
+    let mut guard = Guard::default();
+    let ns = guard.namespace(&client).await;
+    (client, guard, ns)
+}
+
 /// Start the controller in this process as `agentsecrets run` does once leader (the cache fed
 /// by a watch), until the guard drops.
 fn start_controller(
@@ -257,11 +268,7 @@ fn all_ready_under(objects: &[AgentSecret], key_id: &str) -> Result<(), String> 
 #[tokio::test]
 #[ignore = "needs cluster"]
 async fn a_new_primary_key_rewraps_hundreds_of_agentsecrets() {
-    let client = client().await;
-    install_crd(&client).await;
-    assert_controller_may_run(&client).await;
-    let mut guard = Guard::default();
-    let ns = guard.namespace(&client).await;
+    let (client, guard, ns) = controller_namespace().await;
     let api: Api<AgentSecret> = Api::namespaced(client.clone(), &ns);
 
     // Sealed under the old key as the webhook would have; the CRD stores them without it.
@@ -478,11 +485,7 @@ async fn ready_state(api: &Api<AgentSecret>, name: &str) -> (Option<(String, Str
 #[tokio::test]
 #[ignore = "needs cluster"]
 async fn a_settled_agentsecret_is_not_written_again_and_a_stale_status_is_restored() {
-    let client = client().await;
-    install_crd(&client).await;
-    assert_controller_may_run(&client).await;
-    let mut guard = Guard::default();
-    let ns = guard.namespace(&client).await;
+    let (client, guard, ns) = controller_namespace().await;
     let api: Api<AgentSecret> = Api::namespaced(client.clone(), &ns);
     let keyring = Keyring::generate("settled").unwrap();
     let mut object = agentsecret(&ns, "token", "alice", "X_BEARER_TOKEN");
@@ -591,53 +594,90 @@ const DELETE_NOW: DeleteParams = DeleteParams {
     preconditions: None,
 };
 
+/// Two sandboxes of alice (`sandbox-alice-1` and `-2`) naming one shared Secret whose window
+/// and in-flight margin ended long ago, in a test namespace of their own, with the controller
+/// running; torn down when dropped.
+struct SharedSecret {
+    client: Client,
+    ns: String,
+    secrets: Api<Secret>,
+    pods: Api<Pod>,
+    name: &'static str,
+    /// The plaintext value it holds (a canary).
+    value: String,
+    /// The Secret as created.
+    created: Secret,
+    _guard: Guard,
+}
+
+const SHARING_PODS: [&str; 2] = ["sandbox-alice-1", "sandbox-alice-2"];
+
+impl SharedSecret {
+    async fn set_up(name: &'static str) -> Self {
+        let (client, guard, ns) = controller_namespace().await;
+        ensure_default_service_account(&client, &ns).await;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let value = unique("cluster-canary-shared");
+        let created = create_secret(
+            &secrets,
+            &pod_scoped_secret(name, "alice", Some(seconds_from_now(-600)), &value),
+        )
+        .await;
+        for pod in SHARING_PODS {
+            create_pod(&pods, &sandbox_pod_naming(pod, "alice", name)).await;
+        }
+        start_controller(
+            &client,
+            &guard,
+            KeyringHandle::new(Keyring::generate("shared-test").unwrap()),
+            20,
+            Duration::from_secs(300),
+        );
+        Self {
+            client,
+            ns,
+            secrets,
+            pods,
+            name,
+            value,
+            created,
+            _guard: guard,
+        }
+    }
+
+    /// Wait a little, then check the Secret is there with nothing written to it.
+    async fn assert_kept(&self) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_untouched(&self.secrets, &self.created).await;
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs cluster"]
 async fn a_shared_secret_outlives_its_window_until_the_last_pod_naming_it_is_deleted() {
-    let client = client().await;
-    install_crd(&client).await;
-    assert_controller_may_run(&client).await;
-    let mut guard = Guard::default();
-    let ns = guard.namespace(&client).await;
-    ensure_default_service_account(&client, &ns).await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-
-    // Two sandboxes of alice were handed the same Secret; its window and the admissions in
-    // flight after it are long over.
-    let name = "asec-pod-shared-1";
-    let value = unique("cluster-canary-shared");
-    let created = create_secret(
-        &secrets,
-        &pod_scoped_secret(name, "alice", Some(seconds_from_now(-600)), &value),
-    )
-    .await;
-    for pod in ["sandbox-alice-1", "sandbox-alice-2"] {
-        create_pod(&pods, &sandbox_pod_naming(pod, "alice", name)).await;
-    }
-    start_controller(
-        &client,
-        &guard,
-        KeyringHandle::new(Keyring::generate("shared-test").unwrap()),
-        20,
-        Duration::from_secs(300),
-    );
+    let scene = SharedSecret::set_up("asec-pod-shared-1").await;
     // Kept while pods name it, and never adopted nor otherwise written to.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_untouched(&secrets, &created).await;
-
-    pods.delete("sandbox-alice-1", &DELETE_NOW).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_untouched(&secrets, &created).await;
+    scene.assert_kept().await;
+    scene
+        .pods
+        .delete(SHARING_PODS[0], &DELETE_NOW)
+        .await
+        .unwrap();
+    scene.assert_kept().await;
 
     // The last pod naming it goes: the Secret goes at once (not at a periodic look).
-    pods.delete("sandbox-alice-2", &DELETE_NOW).await.unwrap();
-    wait_until_gone(&secrets, name, Duration::from_secs(20)).await;
+    scene
+        .pods
+        .delete(SHARING_PODS[1], &DELETE_NOW)
+        .await
+        .unwrap();
+    wait_until_gone(&scene.secrets, scene.name, Duration::from_secs(20)).await;
     eventually(
         "a Collected event on the Secret",
         Duration::from_secs(10),
         || async {
-            let reasons = event_reasons(&client, &ns, name).await;
+            let reasons = event_reasons(&scene.client, &scene.ns, scene.name).await;
             if reasons == ["Collected"] {
                 Ok(())
             } else {
@@ -646,45 +686,18 @@ async fn a_shared_secret_outlives_its_window_until_the_last_pod_naming_it_is_del
         },
     )
     .await;
-    assert_no_value_in_events(&client, &ns, &value).await;
+    assert_no_value_in_events(&scene.client, &scene.ns, &scene.value).await;
 }
 
 #[tokio::test]
 #[ignore = "needs cluster"]
 async fn a_finished_sandbox_nobody_deletes_does_not_keep_its_secret() {
-    let client = client().await;
-    install_crd(&client).await;
-    assert_controller_may_run(&client).await;
-    let mut guard = Guard::default();
-    let ns = guard.namespace(&client).await;
-    ensure_default_service_account(&client, &ns).await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-
-    let name = "asec-pod-finished-1";
-    let value = unique("cluster-canary-finished");
-    let created = create_secret(
-        &secrets,
-        &pod_scoped_secret(name, "alice", Some(seconds_from_now(-600)), &value),
-    )
-    .await;
-    for pod in ["sandbox-alice-1", "sandbox-alice-2"] {
-        create_pod(&pods, &sandbox_pod_naming(pod, "alice", name)).await;
-    }
-    start_controller(
-        &client,
-        &guard,
-        KeyringHandle::new(Keyring::generate("finished-test").unwrap()),
-        20,
-        Duration::from_secs(300),
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_untouched(&secrets, &created).await;
-
+    let scene = SharedSecret::set_up("asec-pod-finished-1").await;
+    scene.assert_kept().await;
     // The sandboxes finish (as the kubelet reports it) and stay. While one has not, the Secret
     // stays; once both have, in either terminal phase, it goes.
     let finish = |pod: &'static str, phase: &'static str| {
-        let pods = pods.clone();
+        let pods = scene.pods.clone();
         async move {
             pods.patch_status(
                 pod,
@@ -695,14 +708,13 @@ async fn a_finished_sandbox_nobody_deletes_does_not_keep_its_secret() {
             .unwrap();
         }
     };
-    finish("sandbox-alice-1", "Succeeded").await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_untouched(&secrets, &created).await;
-    finish("sandbox-alice-2", "Failed").await;
-    wait_until_gone(&secrets, name, Duration::from_secs(20)).await;
-    for pod in ["sandbox-alice-1", "sandbox-alice-2"] {
+    finish(SHARING_PODS[0], "Succeeded").await;
+    scene.assert_kept().await;
+    finish(SHARING_PODS[1], "Failed").await;
+    wait_until_gone(&scene.secrets, scene.name, Duration::from_secs(20)).await;
+    for pod in SHARING_PODS {
         assert!(
-            pods.get_opt(pod).await.unwrap().is_some(),
+            scene.pods.get_opt(pod).await.unwrap().is_some(),
             "the finished pod {pod} itself is left alone"
         );
     }
@@ -712,11 +724,7 @@ async fn a_finished_sandbox_nobody_deletes_does_not_keep_its_secret() {
 #[ignore = "needs cluster"]
 async fn pod_scoped_secrets_no_live_pod_names_are_deleted_once_their_window_and_margin_pass() {
     const WINDOW: Duration = Duration::from_secs(3);
-    let client = client().await;
-    install_crd(&client).await;
-    assert_controller_may_run(&client).await;
-    let mut guard = Guard::default();
-    let ns = guard.namespace(&client).await;
+    let (client, guard, ns) = controller_namespace().await;
     ensure_default_service_account(&client, &ns).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
