@@ -7,9 +7,10 @@ no helm binary and no cluster are needed. Install it with hack/install-helm.sh.
 
     python3 hack/helm.py lint     # helm lint --strict of every values scenario, plus render checks,
                                   # and the README quick start's helm command rendered as written
-    python3 hack/helm.py render   # write manifests/ from the chart
-    python3 hack/helm.py check    # fail if manifests/ or the chart's CRD copy is out of date, or if
-                                  # a render carries key material or differs from a second one
+    python3 hack/helm.py render   # write manifests/ from the chart, and the policies rendered
+                                  # with a narrowed webhook selector to tests/rendered/
+    python3 hack/helm.py check    # fail if those files or the chart's CRD copy are out of date, or
+                                  # if a render carries key material or differs from a second one
 
 Exit status: 0 when everything passed, 1 on any finding, 2 when Helm is not installed.
 """
@@ -1254,8 +1255,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("lint", help="lint and render the chart with every values scenario").set_defaults(run=cmd_lint)
-    sub.add_parser("render", help="write manifests/ from the chart").set_defaults(run=cmd_render)
-    sub.add_parser("check", help="fail when manifests/ or the chart's CRD copy is out of date").set_defaults(run=cmd_check)
+    sub.add_parser("render", help="write manifests/ (and tests/rendered/) from the chart").set_defaults(run=cmd_render)
+    sub.add_parser("check", help="fail when manifests/, tests/rendered/ or the chart's CRD copy is out of date").set_defaults(run=cmd_check)
     args = parser.parse_args()
     return args.run(args)
 

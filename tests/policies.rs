@@ -221,13 +221,32 @@ const NARROWED_LABEL_KEYS: [&str; 5] = [
     "sandbox.example.com/excluded",
 ];
 
+const NARROWED: &str = "tests/rendered/narrowed-webhook-policies.yaml";
+
 /// The pod reference policy as rendered with a narrowed webhook.objectSelector.
 fn narrowed_pods_policy() -> Policy {
-    policy_in(
-        &documents("tests/rendered/narrowed-webhook-policies.yaml"),
-        "-pod-secret-references",
-        &[],
-    )
+    policy_in(&documents(NARROWED), "-pod-secret-references", &[])
+}
+
+#[test]
+fn the_narrowed_rendering_looks_up_exactly_the_label_keys_these_tests_escape() {
+    // kube-cel sees label keys escaped; a key of the rendering missing here would be looked
+    // up unescaped, never found, and quietly change what the tests below check.
+    const LOOKUP: &str = " in object.metadata.labels";
+    let text = read(NARROWED);
+    let mut keys: Vec<&str> = text
+        .match_indices(LOOKUP)
+        .filter_map(|(at, _)| {
+            let before = text[..at].strip_suffix('"')?;
+            let start = before.rfind('"')?;
+            Some(&before[start + 1..])
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut expected = NARROWED_LABEL_KEYS.to_vec();
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
 }
 
 fn secrets_policy() -> Policy {
@@ -806,6 +825,85 @@ fn with_a_narrowed_webhook_selector_a_pod_the_webhook_never_sees_uses_no_pod_sco
             "{case}: {refusal}"
         );
     }
+}
+
+#[test]
+fn with_a_narrowed_webhook_selector_only_a_pod_it_selects_may_carry_the_proxy_sidecar() {
+    let (recorded, pod, _) = own_secret_pod_labelled(&[]);
+    let refusal = narrowed_pods_policy()
+        .decide(
+            pod_request(&recorded, "CREATE"),
+            with_proxy_sidecar(pod),
+            None,
+        )
+        .refusal();
+    assert!(
+        refusal.contains("Only a pod the agent-secrets webhook is called for"),
+        "{refusal}"
+    );
+    let (recorded, pod, _) = own_secret_pod_labelled(&CALLED);
+    let decision = narrowed_pods_policy().decide(
+        pod_request(&recorded, "CREATE"),
+        with_proxy_sidecar(pod),
+        None,
+    );
+    assert_eq!(decision, Decision::Allowed);
+}
+
+#[test]
+fn with_a_narrowed_webhook_selector_a_pod_given_a_secret_cannot_be_relabelled_across_it() {
+    let (recorded, outside, name) = own_secret_pod_labelled(&[]);
+    let (_, inside, _) = own_secret_pod_labelled(&CALLED);
+    let policy = narrowed_pods_policy();
+    // Into the selector: a pod the webhook never saw, annotated with a name it copied, would
+    // then be granted that Secret (here through an ephemeral container added at once).
+    let claimed = with_ephemeral_container(inside.clone(), env_secret_key_ref(&name));
+    for after in [inside.clone(), claimed] {
+        let refusal = policy
+            .decide(
+                pod_request(&recorded, "UPDATE"),
+                after,
+                Some(outside.clone()),
+            )
+            .refusal();
+        assert!(
+            refusal.contains("cannot be relabelled into or out of"),
+            "{refusal}"
+        );
+    }
+    // Out of it.
+    let refusal = policy
+        .decide(
+            pod_request(&recorded, "UPDATE"),
+            outside.clone(),
+            Some(inside.clone()),
+        )
+        .refusal();
+    assert!(
+        refusal.contains("cannot be relabelled into or out of"),
+        "{refusal}"
+    );
+    // Labels that leave the selector's verdict alone are not looked at.
+    let mut relabelled = inside.clone();
+    relabelled["metadata"]["labels"]["extra"] = json!("1");
+    assert_eq!(
+        policy.decide(pod_request(&recorded, "UPDATE"), relabelled, Some(inside)),
+        Decision::NotEvaluated
+    );
+    // A pod with neither a Secret nor a sidecar may move freely.
+    let (recorded, plain_outside) = recorded_pod();
+    let mut plain_inside = plain_outside.clone();
+    for (key, value) in CALLED {
+        plain_inside["metadata"]["labels"][key] = json!(value);
+    }
+    assert_eq!(
+        policy.decide(
+            pod_request(&recorded, "UPDATE"),
+            plain_inside,
+            Some(plain_outside)
+        ),
+        Decision::NotEvaluated
+    );
 }
 
 #[test]

@@ -620,6 +620,22 @@ async fn with_a_narrowed_webhook_selector_a_pod_outside_it_uses_no_pod_scoped_se
         .create(&PostParams::default(), &annotated_pod("seen", &selected))
         .await
         .unwrap();
+
+    // Nor may a pod outside it carry a proxy sidecar of its own making, which the value feed
+    // would serve with its label's owner's values.
+    let message = refused_by(
+        as_mallory
+            .create(
+                &PostParams::default(),
+                &with_proxy_sidecar(sandbox_pod("unseen-secretless", Some("alice")), "alice"),
+            )
+            .await,
+        &policy,
+    );
+    assert!(
+        message.contains("Only a pod the agent-secrets webhook is called for"),
+        "{message}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

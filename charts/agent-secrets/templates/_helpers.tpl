@@ -239,33 +239,36 @@ CEL: whether a container (`c`) mounts the secretless proxy's feed token.
 {{- end }}
 
 {{/*
-CEL: whether the pod `object` matches webhook.objectSelector (the requirements it adds to the
-chart's own owner-label selector), i.e. whether the pod webhook is called for it once labelled;
-`true` when it adds none. Label selector semantics: NotIn and DoesNotExist match a pod without
-the key. Keys and values are written as JSON strings, which CEL reads as the same strings.
+CEL: whether a pod (`object` or `oldObject`: list of the root context and that name) matches
+webhook.objectSelector (the requirements it adds to the chart's own owner-label selector), i.e.
+whether the pod webhook is called for it once labelled; `true` when it adds none. Label selector
+semantics, a pod without labels included: NotIn and DoesNotExist match a pod without the key.
+Keys and values are written as JSON strings, which CEL reads as the same strings.
 */}}
 {{- define "agent-secrets.cel.webhookCallsPod" -}}
+{{- $root := index . 0 }}
+{{- $pod := index . 1 }}
 {{- $terms := list }}
-{{- $selector := .Values.webhook.objectSelector }}
+{{- $selector := $root.Values.webhook.objectSelector }}
 {{- range $key, $value := ($selector.matchLabels | default dict) }}
-{{- $terms = append $terms (printf "(%s in object.metadata.labels && object.metadata.labels[%s] == %s)" (toJson $key) (toJson $key) (toJson (toString $value))) }}
+{{- $terms = append $terms (printf "(has(%s.metadata.labels) && %s in %s.metadata.labels && %s.metadata.labels[%s] == %s)" $pod (toJson $key) $pod $pod (toJson $key) (toJson (toString $value))) }}
 {{- end }}
 {{- range ($selector.matchExpressions | default list) }}
-{{- $has := printf "%s in object.metadata.labels" (toJson .key) }}
-{{- $label := printf "object.metadata.labels[%s]" (toJson .key) }}
+{{- $has := printf "(has(%s.metadata.labels) && %s in %s.metadata.labels)" $pod (toJson .key) $pod }}
+{{- $label := printf "%s.metadata.labels[%s]" $pod (toJson .key) }}
 {{- if eq .operator "In" }}
 {{- $terms = append $terms (printf "(%s && %s in %s)" $has $label (toJson .values)) }}
 {{- else if eq .operator "NotIn" }}
-{{- $terms = append $terms (printf "(!(%s) || !(%s in %s))" $has $label (toJson .values)) }}
+{{- $terms = append $terms (printf "(!%s || !(%s in %s))" $has $label (toJson .values)) }}
 {{- else if eq .operator "Exists" }}
-{{- $terms = append $terms (printf "(%s)" $has) }}
+{{- $terms = append $terms $has }}
 {{- else if eq .operator "DoesNotExist" }}
-{{- $terms = append $terms (printf "!(%s)" $has) }}
+{{- $terms = append $terms (printf "!%s" $has) }}
 {{- else }}
 {{- fail (printf "webhook.objectSelector: unknown operator %q" .operator) }}
 {{- end }}
 {{- end }}
-{{- if $terms }}({{ join " && " $terms }}){{ else }}true{{ end }}
+{{- if $terms }}({{ $pod }} != null && {{ join " && " $terms }}){{ else }}true{{ end }}
 {{- end }}
 
 {{- define "agent-secrets.cel.secretNameAnnotation" -}}
