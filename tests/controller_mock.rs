@@ -359,7 +359,10 @@ async fn a_transient_api_error_fails_the_reconcile_for_a_retry() {
 // Reconciles from metadata: the controller stores only metadata, and decides from the
 // webhook's cache when it holds the same version of the object.
 
-const GET_PATH: &str = "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token";
+/// A read of the object not older than the version the watch delivered (41), which the API
+/// server answers from its watch cache.
+const GET_PATH: &str =
+    "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token?&resourceVersion=41";
 
 /// `object` as the controller's metadata store keeps it.
 fn stored_metadata(object: &AgentSecret) -> Arc<PartialObjectMeta<AgentSecret>> {

@@ -2,7 +2,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{GetParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -391,10 +391,19 @@ pub async fn reconcile(
         }
     }
     let api: kube::Api<AgentSecret> = kube::Api::namespaced(ctx.client.clone(), &namespace);
-    match api.get_opt(&name).await.map_err(Error::Kube)? {
-        Some(full) => reconcile_with(Arc::new(full), ctx, rewrap_slot).await,
+    // Not older than the version the watch delivered: the API server answers from its watch
+    // cache instead of a quorum read of etcd, and a newer version prompts its own reconcile.
+    let params = object
+        .metadata
+        .resource_version
+        .as_deref()
+        .map(GetParams::at)
+        .unwrap_or_default();
+    match api.get_with(&name, &params).await {
+        Ok(full) => reconcile_with(Arc::new(full), ctx, rewrap_slot).await,
         // Deleted meanwhile: the watch reports it.
-        None => Ok(Action::await_change()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(Action::await_change()),
+        Err(e) => Err(Error::Kube(e)),
     }
 }
 
