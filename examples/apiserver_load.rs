@@ -14,6 +14,10 @@
 //! - the API server's mean `apiserver_admission_webhook_admission_duration_seconds` per webhook;
 //! - Secret writes per labelled pod.
 //!
+//! All labelled pods belong to one owner, so they share one pod-scoped Secret per reuse window:
+//! the first labelled pod of a run (and of each new window) is the owner's cold start, which
+//! writes that Secret; every other one is warm and writes nothing but itself.
+//!
 //! The pods are never scheduled (no node needs to run them): `spec.nodeName` is unset and they
 //! are deleted within seconds. Everything is created under the label
 //! `agentsecrets.io/load-test=true`, in `-n` (default `agentsecrets-load`, created if missing);
@@ -260,7 +264,7 @@ async fn create_round(
         errors += e;
     }
     let elapsed = start.elapsed();
-    // Let the operator's adoption PATCHes for this round land inside this round's window.
+    // Let the operator's Secret writes for this round land inside this round's window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = scrape(metrics_client).await;
     delete_round(client, round).await;
