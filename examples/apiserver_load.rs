@@ -18,8 +18,8 @@
 //! the first labelled pod of a run (and of each new window) is the owner's cold start, which
 //! writes that Secret; every other one is warm and writes nothing but itself.
 //!
-//! The pods are never scheduled (no node needs to run them): `spec.nodeName` is unset and they
-//! are deleted within seconds. Everything is created under the label
+//! The pods are never scheduled (no node needs to run them): they carry a scheduling gate
+//! (`spec.schedulingGates`, Kubernetes 1.30+) and are deleted within seconds. Everything is created under the label
 //! `agentsecrets.io/load-test=true`, in `-n` (default `agentsecrets-load`, created if missing);
 //! `--cleanup` deletes what an interrupted run left. With `--as USER` the pods and AgentSecrets
 //! are created as that user (the owner binding of the tenancy policies applies); the API
@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 const LOAD_LABEL: &str = "agentsecrets.io/load-test";
 const ROUND_LABEL: &str = "agentsecrets.io/load-round";
+const SCHEDULING_GATE: &str = "agentsecrets.io/load-test";
 
 #[derive(Parser, Debug)]
 #[command(about = "Sandbox start through a real API server, labelled vs unlabelled pods")]
@@ -65,7 +66,7 @@ struct Options {
     /// Pods per single-creator latency round (one round of each kind, alternating in halves).
     #[arg(long, default_value_t = 100)]
     latency_pods: usize,
-    /// Container image of the pods (never pulled: they are not scheduled).
+    /// Container image of the pods (never pulled: a scheduling gate holds them back).
     #[arg(long, default_value = "busybox:1.36")]
     image: String,
     /// Only delete what an earlier run left (pods and AgentSecrets labelled as load test).
@@ -174,6 +175,9 @@ fn pod(options: &Options, kind: Kind, round: &str) -> Pod {
         "kind": "Pod",
         "metadata": { "generateName": format!("load-{}-", kind.name()), "labels": labels },
         "spec": {
+            // Held back from the scheduler (and so from any kubelet) on a cluster that has
+            // them: only the API server's work is measured.
+            "schedulingGates": [{ "name": SCHEDULING_GATE }],
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 0,
             "containers": [{
@@ -556,5 +560,93 @@ apiserver_request_total{code="201",component="apiserver",dry_run="",group="",res
         assert_eq!(metrics.secret_requests.get("POST"), Some(&7.0));
         assert_eq!(metrics.secret_requests.get("PATCH"), Some(&3.0));
         assert_eq!(metrics.secret_requests.len(), 2);
+    }
+
+    /// The API server's counters at its `n`th scrape: the pod webhook has admitted `10 n`
+    /// pods in `2 n` seconds, and `3 n` Secrets were created.
+    fn exposition(n: u32) -> String {
+        let n = f64::from(n);
+        format!(
+            "apiserver_admission_webhook_admission_duration_seconds_sum{{name=\"pods.agentsecrets.io\",operation=\"CREATE\",rejected=\"false\",type=\"admit\"}} {}\n\
+             apiserver_admission_webhook_admission_duration_seconds_count{{name=\"pods.agentsecrets.io\",operation=\"CREATE\",rejected=\"false\",type=\"admit\"}} {}\n\
+             apiserver_request_total{{code=\"201\",group=\"\",resource=\"secrets\",verb=\"POST\",version=\"v1\"}} {}\n",
+            2.0 * n,
+            10.0 * n,
+            3.0 * n
+        )
+    }
+
+    /// A round against a mocked API server: the pods it creates, the requests it makes, and what
+    /// it reports from the counters it scraped before and after.
+    #[tokio::test(start_paused = true)]
+    async fn a_round_creates_its_pods_and_reports_the_counters_between_its_scrapes() {
+        use http_body_util::BodyExt as _;
+        let (client, mut handle) = agent_secrets::testing::mock_client();
+        let options = Options::parse_from(["apiserver_load", "--owner", "alice"]);
+        let server = tokio::spawn(async move {
+            let (mut scrapes, mut created, mut requests) = (0, Vec::new(), Vec::new());
+            while let Some((request, send)) = handle.next_request().await {
+                let line = format!("{} {}", request.method(), request.uri().path());
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let reply = match line.as_str() {
+                    "GET /metrics" => {
+                        scrapes += 1;
+                        exposition(scrapes).into_bytes()
+                    }
+                    "POST /api/v1/namespaces/default/pods" => {
+                        let mut pod: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        pod["metadata"]["name"] = format!("load-{}", created.len()).into();
+                        created.push(pod.clone());
+                        serde_json::to_vec(&pod).unwrap()
+                    }
+                    _ => serde_json::to_vec(&serde_json::json!({
+                        "apiVersion": "v1", "kind": "List", "metadata": {}, "items": []
+                    }))
+                    .unwrap(),
+                };
+                requests.push(line);
+                send.send_response(
+                    http::Response::builder()
+                        .status(if requests.last().unwrap().starts_with("POST") {
+                            201
+                        } else {
+                            200
+                        })
+                        .body(kube::client::Body::from(reply))
+                        .unwrap(),
+                );
+            }
+            (created, requests)
+        });
+        let round = create_round(&client, &client, &options, Kind::Labelled, 2, 3, "r1").await;
+        drop(client);
+        let (created, requests) = server.await.unwrap();
+
+        assert_eq!((round.latencies.len(), round.errors), (6, 0));
+        // One scrape before and one after: 10 admissions in 2 s, 3 Secret POSTs between them.
+        assert_eq!(round.webhook_mean_ms("pods.agentsecrets.io"), Some(200.0));
+        assert_eq!(round.secret_requests("POST"), 3.0);
+        assert_eq!(round.secret_requests("PATCH"), 0.0);
+        assert_eq!(created.len(), 6);
+        for pod in &created {
+            let labels = &pod["metadata"]["labels"];
+            assert_eq!(labels[OWNER_LABEL], "alice");
+            assert_eq!(labels[ROUND_LABEL], "r1");
+            assert_eq!(labels[LOAD_LABEL], "true");
+            assert_eq!(pod["spec"]["schedulingGates"][0]["name"], SCHEDULING_GATE);
+        }
+        // Then the round's pods are deleted and their absence confirmed.
+        let tail: Vec<&str> = requests[requests.len() - 3..]
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "GET /metrics",
+                "DELETE /api/v1/namespaces/default/pods",
+                "GET /api/v1/namespaces/default/pods"
+            ]
+        );
     }
 }
