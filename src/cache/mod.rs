@@ -439,6 +439,44 @@ mod tests {
     }
 
     #[test]
+    fn an_object_is_found_by_name_with_the_revision_it_was_cached_at() {
+        let index = SecretIndex::default();
+        index.replace_all([]);
+        let mut stored = object("ns", "a", "alice", "A");
+        stored.metadata.resource_version = Some("41".into());
+        stored.metadata.generation = Some(3);
+        let status = crate::api::AgentSecretStatus {
+            key_id: Some("k".into()),
+            ..Default::default()
+        };
+        stored.status = Some(status.clone());
+        index.apply(watcher::Event::Apply(stored.clone()));
+        let found = index.get("ns", "a").unwrap();
+        assert_eq!(
+            found.revision,
+            Revision {
+                resource_version: Some("41".into()),
+                generation: Some(3),
+                plaintext: false,
+                status_digest: Some(status.digest()),
+            }
+        );
+        assert!(index.get("ns", "b").is_none());
+        assert!(index.get("other", "a").is_none(), "names are per namespace");
+
+        // Stored plaintext is noted, not kept.
+        let mut plaintext = stored.clone();
+        plaintext.spec.value = Some(crate::api::SecretString::new("canary-plaintext".into()));
+        index.apply(watcher::Event::Apply(plaintext));
+        let found = index.get("ns", "a").unwrap();
+        assert!(found.revision.plaintext);
+        assert!(!format!("{found:?}").contains("canary-plaintext"));
+
+        index.apply(watcher::Event::Delete(stored));
+        assert!(index.get("ns", "a").is_none());
+    }
+
+    #[test]
     fn a_relist_replaces_everything_atomically() {
         let index = SecretIndex::default();
         index
