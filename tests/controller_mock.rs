@@ -452,6 +452,31 @@ async fn a_secret_deleted_before_it_is_read_is_left_to_the_watch() {
     assert_eq!(action, Action::await_change());
 }
 
+#[tokio::test]
+async fn a_watch_cache_behind_the_watched_version_is_read_around() {
+    let keyring = Keyring::generate("k1").unwrap();
+    let object = settled(agent_secret(&keyring), &keyring);
+    for code in [504, 429] {
+        let (ctx, handle) = context(Keyring::from_yaml(&keyring.to_yaml().unwrap()).unwrap());
+        let behind = expect(
+            Method::GET,
+            GET_PATH,
+            failure(code, "Too large resource version"),
+            |_| {},
+        )
+        .with_status(code);
+        // The latest version instead, with no resourceVersion.
+        let latest = expect(
+            Method::GET,
+            "/apis/agentsecrets.io/v1alpha1/namespaces/ns/agentsecrets/token",
+            serde_json::to_value(&object).unwrap(),
+            |_| {},
+        );
+        let action = reconcile_metadata(&object, None, ctx, handle, vec![behind, latest]).await;
+        assert_eq!(action, Action::await_change(), "after a {code}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_rewrap_waits_for_its_rate_limit_slot_before_reading_and_then_takes_no_second_one() {
     let mut keyring = Keyring::generate("k1").unwrap();

@@ -890,6 +890,19 @@ fn with_a_narrowed_webhook_selector_a_pod_given_a_secret_cannot_be_relabelled_ac
         policy.decide(pod_request(&recorded, "UPDATE"), relabelled, Some(inside)),
         Decision::NotEvaluated
     );
+    // A status update of a sidecar pod inside the selector (the kubelet's) is not looked at.
+    let (_, sidecar_pod, _) = own_secret_pod_labelled(&CALLED);
+    let sidecar_pod = with_proxy_sidecar(sidecar_pod);
+    let mut reported = sidecar_pod.clone();
+    reported["status"] = json!({"phase": "Running"});
+    assert_eq!(
+        policy.decide(
+            pod_request(&recorded, "UPDATE"),
+            reported,
+            Some(sidecar_pod)
+        ),
+        Decision::NotEvaluated
+    );
     // A pod with neither a Secret nor a sidecar may move freely.
     let (recorded, plain_outside) = recorded_pod();
     let mut plain_inside = plain_outside.clone();

@@ -399,7 +399,15 @@ pub async fn reconcile(
         .as_deref()
         .map(GetParams::at)
         .unwrap_or_default();
-    match api.get_with(&name, &params).await {
+    let read = match api.get_with(&name, &params).await {
+        // A watch cache behind that version (another API server of the cluster, or one
+        // re-initialising) answers 504 or 429: read the latest version instead.
+        Err(kube::Error::Api(status)) if status.code == 504 || status.code == 429 => {
+            api.get(&name).await
+        }
+        read => read,
+    };
+    match read {
         Ok(full) => reconcile_with(Arc::new(full), ctx, rewrap_slot).await,
         // Deleted meanwhile: the watch reports it.
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(Action::await_change()),

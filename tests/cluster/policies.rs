@@ -620,6 +620,29 @@ async fn with_a_narrowed_webhook_selector_a_pod_outside_it_uses_no_pod_scoped_se
         .create(&PostParams::default(), &annotated_pod("seen", &selected))
         .await
         .unwrap();
+    // Relabelled out of the selector: refused; a label the selector does not use: admitted.
+    let message = refused_by(
+        as_mallory
+            .patch(
+                "seen",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"sandbox.example.com/pool": null}}})),
+            )
+            .await,
+        &policy,
+    );
+    assert!(
+        message.contains("cannot be relabelled into or out of"),
+        "{message}"
+    );
+    as_mallory
+        .patch(
+            "seen",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"example.com/note": "x"}}})),
+        )
+        .await
+        .unwrap();
 
     // Nor may a pod outside it carry a proxy sidecar of its own making, which the value feed
     // would serve with its label's owner's values.
