@@ -522,6 +522,52 @@ async fn tokens_of_another_audience_unbound_or_invalid_are_refused_with_401() {
 }
 
 #[tokio::test]
+async fn a_pod_of_a_namespace_the_webhook_does_not_inject_is_refused_with_403() {
+    capture_logs();
+    let namespaces = [
+        // Excluded (--excluded-namespaces), or outside the sandbox namespaces.
+        feed::Namespaces {
+            excluded: [NS.to_owned()].into(),
+            only: Default::default(),
+        },
+        feed::Namespaces {
+            excluded: Default::default(),
+            only: ["other".to_owned()].into(),
+        },
+    ];
+    for namespaces in namespaces {
+        let feed = Feed::start(FeedSettings {
+            namespaces: namespaces.clone(),
+            ..FeedSettings::default()
+        })
+        .await;
+        let (status, body) = feed.get(Some(TOKEN_AGENT)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{namespaces:?}");
+        assert!(
+            body.trim_end()
+                .ends_with("agent-secrets does not inject pods of this namespace"),
+            "{body}"
+        );
+        assert!(!body.contains(VALUE_A), "{body}");
+        feed.stop.cancel();
+    }
+    // Where it does inject, the same pod is served.
+    let feed = Feed::start(FeedSettings {
+        namespaces: feed::Namespaces {
+            excluded: ["kube-system".to_owned()].into(),
+            only: [NS.to_owned()].into(),
+        },
+        ..FeedSettings::default()
+    })
+    .await;
+    let (status, line) = feed.get(Some(TOKEN_AGENT)).await;
+    assert_eq!(status, StatusCode::OK, "{line}");
+    assert!(line.contains(VALUE_A));
+    feed.stop.cancel();
+    assert_logs_hold_no_secret();
+}
+
+#[tokio::test]
 async fn a_pod_without_the_proxy_sidecar_is_refused_with_403_and_its_source_stays_unusable() {
     capture_logs();
     let feed = Feed::start(FeedSettings::default()).await;

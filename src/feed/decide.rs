@@ -78,6 +78,32 @@ impl PodIdentity {
     }
 }
 
+/// The namespaces agent-secrets injects pods in: every one but `excluded`, and only those
+/// of `only` when it is not empty (`--excluded-namespaces`, `--sandbox-namespaces`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Namespaces {
+    pub excluded: BTreeSet<String>,
+    pub only: BTreeSet<String>,
+}
+
+impl Namespaces {
+    /// Whether pods of `namespace` may be served: the webhook admits none elsewhere, so a
+    /// sidecar pod there was made by someone else.
+    pub fn serves(&self, namespace: &str) -> bool {
+        !self.excluded.contains(namespace)
+            && (self.only.is_empty() || self.only.contains(namespace))
+    }
+}
+
+/// Refuse a pod in a namespace agent-secrets does not inject.
+pub fn namespace_served(identity: &PodIdentity, namespaces: &Namespaces) -> Result<(), Refusal> {
+    if namespaces.serves(&identity.namespace) {
+        Ok(())
+    } else {
+        Err(identity.refuse("agent-secrets does not inject pods of this namespace"))
+    }
+}
+
 /// The identity in a TokenReview's answer: authenticated, for the feed's audience, a service
 /// account's, bound to a pod (name and uid in the user's extra).
 pub fn identity_of(status: Option<&TokenReviewStatus>) -> Result<PodIdentity, Refusal> {
@@ -873,5 +899,25 @@ mod tests {
         assert!(render(vec![secret.clone()], &keyring).served.is_empty());
         secret.constraints = "hosts=api.a.test".into();
         assert_eq!(render(vec![secret], &keyring).served, ["A_TOKEN"]);
+    }
+
+    #[test]
+    fn pods_are_served_only_where_the_webhook_injects_them() {
+        let set = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
+        let everywhere = Namespaces::default();
+        assert!(everywhere.serves("sandboxes"));
+        let excluding = Namespaces {
+            excluded: set(&["kube-system", "agent-secrets"]),
+            only: set(&[]),
+        };
+        assert!(excluding.serves("sandboxes"));
+        assert!(!excluding.serves("kube-system") && !excluding.serves("agent-secrets"));
+        let listed = Namespaces {
+            excluded: set(&["kube-system"]),
+            only: set(&["team-a", "kube-system"]),
+        };
+        assert!(listed.serves("team-a"));
+        assert!(!listed.serves("team-b"));
+        assert!(!listed.serves("kube-system"), "excluded wins");
     }
 }

@@ -13,7 +13,7 @@ pub mod server;
 
 use std::time::Duration;
 
-pub use decide::{Admitted, PodIdentity, Refusal};
+pub use decide::{Admitted, Namespaces, PodIdentity, Refusal};
 pub use server::{FeedSettings, FeedState, feed_router, serve_feed};
 
 // Names shared with the webhook's pod shape (the contract of secretless mode).

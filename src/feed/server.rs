@@ -60,6 +60,8 @@ pub struct FeedSettings {
     /// the product's 10-second promise during a watch outage: a deletion the operator cannot
     /// see stops being substituted within 2 + 8 seconds.
     pub watch_failure_grace: Duration,
+    /// Where the webhook injects pods: a pod elsewhere is refused.
+    pub namespaces: decide::Namespaces,
 }
 
 impl Default for FeedSettings {
@@ -71,6 +73,7 @@ impl Default for FeedSettings {
             max_stream: MAX_STREAM,
             send_timeout: Duration::from_secs(10),
             watch_failure_grace: WATCH_FAILURE_GRACE,
+            namespaces: decide::Namespaces::default(),
         }
     }
 }
@@ -237,6 +240,10 @@ async fn open_stream(state: FeedState, headers: HeaderMap) -> Response {
             );
         }
     };
+    if let Err(refusal) = decide::namespace_served(&identity, &state.settings.namespaces) {
+        tracing::warn!(error = %refusal, "feed stream refused");
+        return refused(&refusal);
+    }
     let pod = match read_pod(&state.client, &identity).await {
         Ok(Some(pod)) => pod,
         Ok(None) => {

@@ -99,6 +99,17 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         pod_secret_reuse_window,
         ..policy.policy(operator_username())?
     });
+    // The feed serves sidecar pods only where the webhook injects them.
+    let feed_namespaces = crate::feed::Namespaces {
+        excluded: policy.excluded_namespaces.clone(),
+        only: sandbox_scopes
+            .iter()
+            .filter_map(|scope| match scope {
+                crate::cache::WatchScope::Namespace(namespace) => Some(namespace.clone()),
+                crate::cache::WatchScope::Cluster => None,
+            })
+            .collect(),
+    };
     if policy.allowed_principals.is_empty() {
         tracing::warn!(
             "no --allowed-principals: anyone who may create pods can label one for any owner in their namespace"
@@ -213,6 +224,7 @@ pub async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             state.keyring.clone(),
             crate::feed::FeedSettings {
                 max_streams: feed_max_streams as usize,
+                namespaces: feed_namespaces,
                 ..crate::feed::FeedSettings::default()
             },
             state.metrics.clone(),
