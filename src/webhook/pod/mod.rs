@@ -404,6 +404,15 @@ mod tests {
             self.admit_with(object, now, Some(&self.keyring), &self.pod_secrets)
         }
 
+        /// The first sandbox of the window, admitted at `now`, once the Secret it was given
+        /// is in the index; and that Secret's name.
+        fn first_sandbox_seen(&self, now: i64) -> (Box<Injection>, String) {
+            let first = injected(self.admit(Value::Null, now));
+            let name = first.secret.as_ref().unwrap().name().to_owned();
+            self.pod_secrets.created(NAMESPACE, &name, WINDOW_END);
+            (first, name)
+        }
+
         fn admit_with(
             &self,
             object: Value,
@@ -505,9 +514,7 @@ mod tests {
     #[test]
     fn another_owners_pod_claiming_the_secret_is_refused() {
         let world = World::new();
-        let first = injected(world.admit(Value::Null, WINDOW_END - 1));
-        let name = first.secret.as_ref().unwrap().name().to_owned();
-        world.pod_secrets.created(NAMESPACE, &name, WINDOW_END);
+        let (first, name) = world.first_sandbox_seen(WINDOW_END - 1);
         let mut copied = patched(&recorded_pod(), &first);
         copied["metadata"]["labels"]["agentsecrets.io/owner"] = json!("bob");
         let Decision::Deny(message) = world.admit(copied, WINDOW_END - 1) else {
@@ -519,9 +526,7 @@ mod tests {
     #[test]
     fn a_warm_admission_opens_nothing_and_a_cold_one_needs_every_value_to_open() {
         let world = World::new();
-        let first = injected(world.admit(Value::Null, WINDOW_END - 10));
-        let name = first.secret.as_ref().unwrap().name().to_owned();
-        world.pod_secrets.created(NAMESPACE, &name, WINDOW_END);
+        let (_, name) = world.first_sandbox_seen(WINDOW_END - 10);
         // Warm: decided without a keyring.
         let warm = world.admit_with(Value::Null, WINDOW_END - 5, None, &world.pod_secrets);
         assert!(
